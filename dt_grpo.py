@@ -1,0 +1,955 @@
+"""dt_grpo.py: online finetuning of a Decision Transformer with pure RL gradients (GRPO).
+
+One file, top to bottom in the order of the algorithm:
+
+    Args -> data -> model -> pretraining -> rollouts and resets -> GRPO -> evaluation -> main
+
+It follows
+  * Luo & Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients",
+    arXiv 2601.00167 (2026): the method this file implements;
+  * Chen et al., "Decision Transformer", arXiv 2106.01345 (2021): the model;
+  * Zheng et al., "Online Decision Transformer", arXiv 2202.05607 (2022): the stochastic
+    policy and the offline pretraining objective;
+  * Shao et al., "DeepSeekMath" (GRPO), arXiv 2402.03300 (2024): group-relative advantages;
+  * Zheng et al., "Group Sequence Policy Optimization", arXiv 2507.18071 (2025): the
+    length-normalised sequence ratio offered as `--ratio mean`.
+
+The paper's code was not released and its full text was not available to us. Comments say
+[paper] for what the abstract, the public reviews and reading notes confirm, and [ours] for
+this project's choices (see ALGORITHM.md in the project's shared notes).
+
+Run:
+    python dt_grpo.py --env Hopper-v4              # pretrain, finetune with GRPO, evaluate
+    python dt_grpo.py --env Hopper-v4 --online-steps 0   # pretrain and evaluate only
+    python dt_grpo.py --help                       # every flag
+
+Tensor shape notation used throughout:
+    B batch (of segments, rollouts or windows)    K context length (timesteps per window)
+    G group size (rollouts per reset point)       N reset points per GRPO iteration
+    L sub-trajectory length (sampled actions)     T episode length / max episode steps
+    S state dim                                   A action dim
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import minari
+import mujoco
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from minari.data_collector import EpisodeBuffer
+from tqdm.auto import tqdm
+
+
+# =============================================================================================
+# Args
+# =============================================================================================
+@dataclass
+class Args:
+    """Pretrain a stochastic Decision Transformer on a Minari dataset, then finetune it online
+    with GRPO (Luo & Zhu 2026). Defaults are sized for a 2-core CPU."""
+
+    # --- run --------------------------------------------------------------------------------
+    env: str = "Hopper-v4"
+    """Gymnasium MuJoCo environment id (Hopper, Walker2d, HalfCheetah or Ant; v4 or v5)."""
+    dataset: Optional[str] = None
+    """Minari dataset id. Default: `mujoco/<env>/medium-v0`. Ids in the `local/` namespace
+    (e.g. `local/hopper-random-v0`) are built here from a uniform-random policy when missing."""
+    random_dataset_steps: int = 100_000
+    """Environment steps in a locally built uniform-random dataset."""
+    seed: int = 1
+    """Seed of torch, numpy and the environments."""
+    device: str = "cpu"
+    """Torch device."""
+    run_dir: Optional[str] = None
+    """Where metrics, checkpoint and summary go. Default: `runs/<env>__seed<seed>__<time>`."""
+
+    # --- model (ODT-size: --embed-dim 512 --n-layer 4 --n-head 4) -----------------------------
+    context_len: int = 20
+    """K: timesteps per context window (the DT sees 3K tokens)."""
+    embed_dim: int = 128
+    """Width of the transformer."""
+    n_layer: int = 3
+    """Transformer blocks."""
+    n_head: int = 1
+    """Attention heads (must divide embed-dim)."""
+    dropout: float = 0.1
+    """Dropout in pretraining. Always off when collecting or scoring GRPO rollouts."""
+
+    # --- offline pretraining (ODT objective) ------------------------------------------------
+    pretrain_steps: int = 2000
+    """Gradient updates of offline pretraining."""
+    batch_size: int = 64
+    """Segments of K steps per pretraining update."""
+    lr: float = 3e-4
+    """Pretraining learning rate (AdamW)."""
+    weight_decay: float = 5e-4
+    """AdamW weight decay (ODT's value)."""
+    warmup_steps: int = 200
+    """Linear learning-rate warm-up, in updates."""
+    grad_clip: float = 0.25
+    """Gradient-norm clip (ODT's value), used in pretraining and GRPO."""
+    init_temperature: float = 0.1
+    """Initial entropy temperature T of the ODT objective; T is learned toward entropy -|A|."""
+    reward_scale: float = 1e-3
+    """Scale of returns-to-go tokens (ODT uses 1/1000 on MuJoCo)."""
+
+    # --- GRPO online finetuning -------------------------------------------------------------
+    online_steps: int = 500_000
+    """Budget of environment steps for finetuning, counting every env.step (0 = no finetuning).
+    An iteration that starts under the budget is finished, so the count may end a little over."""
+    group_size: int = 8
+    """G: rollouts from each reset point; the group mean score is the baseline [paper]."""
+    reset_points: int = 8
+    """N: reset points (groups) per GRPO iteration."""
+    traj_len: int = 20
+    """L: sampled actions per rollout; these are the actions being optimised [paper]."""
+    eval_len: int = 400
+    """Mean-action steps after the L sampled ones that score them (about 400 on MuJoCo [paper])."""
+    clip_eps: float = 0.2
+    """Clip range of the importance ratio."""
+    ent_coef: float = 1e-3
+    """Entropy bonus coefficient (lambda)."""
+    epochs: int = 4
+    """Passes over each iteration's rollouts."""
+    minibatch_size: int = 16
+    """Rollouts per GRPO minibatch (each brings its L context windows)."""
+    online_lr: float = 1e-5
+    """Learning rate of GRPO updates (AdamW)."""
+    ratio: Literal["joint", "mean", "token"] = "joint"
+    """Importance ratio: `joint` = one ratio per sub-trajectory, sum of the L action log-ratios
+    [paper]; `mean` = that sum / L (GSPO); `token` = one ratio per action (plain PPO/GRPO)."""
+    active_sampling: bool = True
+    """Choose reset points where the policy is uncertain [paper]; off = uniformly along the trajectory."""
+    active_temperature: float = 1.0
+    """Softmax temperature over the standardised uncertainty profile (lower = greedier)."""
+    hindsight_relabel: bool = False
+    """Ablation: train on achieved returns-to-go instead of those fed to the policy. The paper
+    shows this breaks importance-sampling RL; off by default."""
+    online_target_return: Optional[float] = None
+    """Return-to-go that conditions the online rollouts. Default: the env's target return."""
+
+    # --- evaluation ---------------------------------------------------------------------------
+    eval_episodes: int = 10
+    """Deterministic (mean-action) episodes per evaluation."""
+    eval_every: int = 50_000
+    """Evaluate (and checkpoint) every this many online env steps."""
+    target_return: Optional[float] = None
+    """Return-to-go that conditions evaluation. Default: the env's value in ENV_TABLE."""
+
+
+# Per-environment constants, one table. `dataset`: the Minari id used by default (recorded on
+# the v5 envs). `target`: evaluation return-to-go [ours, CORL/ODT-like values]. `ref_min`/
+# `ref_max`: D4RL normalisation (random / expert returns), since Minari's MuJoCo datasets
+# carry no reference scores.
+ENV_TABLE = {
+    "Hopper": dict(dataset="mujoco/hopper/medium-v0", target=3600.0, ref_min=-20.272305, ref_max=3234.3),
+    "Walker2d": dict(dataset="mujoco/walker2d/medium-v0", target=5000.0, ref_min=1.629008, ref_max=4592.3),
+    "HalfCheetah": dict(dataset="mujoco/halfcheetah/medium-v0", target=6000.0, ref_min=-280.178953, ref_max=12135.0),
+    "Ant": dict(dataset="mujoco/ant/medium-v0", target=5000.0, ref_min=-325.6, ref_max=3879.7),
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line on stderr, exit code 2, no traceback."""
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[dt_grpo] {msg}", file=sys.stderr)
+
+
+def warn_loudly(msg: str) -> None:
+    bar = "!" * 88
+    tqdm.write(f"{bar}\n[dt_grpo] WARNING: {msg}\n{bar}", file=sys.stderr)
+
+
+def env_family(env_id: str) -> str:
+    return env_id.split("-v")[0]
+
+
+def check_args(args: Args) -> None:
+    """Reject nonsense numbers before any work is done."""
+    for name in ("pretrain_steps", "online_steps", "random_dataset_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "group_size",
+                 "reset_points", "traj_len", "epochs", "minibatch_size", "eval_episodes", "eval_every"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("lr", "online_lr", "reward_scale", "init_temperature", "active_temperature", "grad_clip"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.eval_len < 0:
+        raise UserError(f"--eval-len must be >= 0, got {args.eval_len}")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 < args.clip_eps < 1:
+        raise UserError(f"--clip-eps must be in (0, 1), got {args.clip_eps}")
+    if args.embed_dim % args.n_head:
+        raise UserError(f"--n-head {args.n_head} must divide --embed-dim {args.embed_dim}")
+
+
+def make_env(env_id: str) -> gym.Env:
+    """A Gymnasium MuJoCo env with a continuous (Box) action space, or a UserError saying why not."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"unknown environment {env_id!r} ({e})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Hopper-v4 is out of date": known, v4 is the D4RL-era env
+        env = gym.make(spec)
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise UserError(f"{env_id} has a {type(env.action_space).__name__} action space; "
+                        "the tanh-Gaussian policy needs a continuous Box action space")
+    if not hasattr(env.unwrapped, "data") or not isinstance(env.unwrapped.data, mujoco.MjData):
+        raise UserError(f"{env_id} is not a MuJoCo environment; GRPO's exact resets need MuJoCo")
+    if env_family(env_id) not in ENV_TABLE:
+        raise UserError(f"no reference scores for {env_id}; supported families: {', '.join(ENV_TABLE)}")
+    return env
+
+
+# =============================================================================================
+# Data: Minari dataset (or a locally built random one), returns-to-go, K-step windows
+# =============================================================================================
+def returns_to_go(rewards: np.ndarray) -> np.ndarray:
+    """Undiscounted R̂_t = sum_{u >= t} r_u, for one episode. (T,) -> (T,)"""
+    return np.cumsum(rewards[::-1])[::-1].copy()
+
+
+def window_indices(end: torch.Tensor, start: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of the K steps ending at `end` (inclusive) of sequences beginning at `start`.
+
+    Left-padded like ODT: a window that would reach before `start` is masked there, and its
+    masked slots point at row `start` (a real row; the mask hides it). The same function cuts
+    training segments from the dataset and the policy's context during rollouts, so the two
+    are built identically.  end, start: (B,) -> idx (B, K), mask (B, K) bool
+    """
+    idx = end[:, None] - K + 1 + torch.arange(K, device=end.device)
+    mask = idx >= start[:, None]
+    return torch.where(mask, idx, start[:, None]), mask
+
+
+@dataclass
+class Context:
+    """A batch of DT context windows: the token inputs of one forward pass."""
+
+    rtg: torch.Tensor  # (B, K, 1) scaled returns-to-go R̂
+    states: torch.Tensor  # (B, K, S) normalised
+    actions: torch.Tensor  # (B, K, A) in [-1, 1]
+    timesteps: torch.Tensor  # (B, K) absolute episode step (long)
+    mask: torch.Tensor  # (B, K) bool, False on left padding
+
+
+@dataclass
+class Dataset:
+    """All dataset steps flat, with each step's episode start, ready for window sampling."""
+
+    states: torch.Tensor  # (N, S) normalised
+    actions: torch.Tensor  # (N, A)
+    rtg: torch.Tensor  # (N,) scaled returns-to-go
+    ep_start: torch.Tensor  # (N,) flat index of the first step of the step's episode
+    state_mean: torch.Tensor  # (S,)
+    state_std: torch.Tensor  # (S,)
+    episode_returns: np.ndarray  # (episodes,)
+
+    def sample(self, batch_size: int, K: int, gen: torch.Generator) -> Context:
+        """Random K-step windows. Sampling the window's last step uniformly over all steps weighs
+        episodes by length, as ODT/CORL do."""
+        end = torch.randint(len(self.rtg), (batch_size,), generator=gen)
+        idx, mask = window_indices(end, self.ep_start[end], K)
+        return Context(self.rtg[idx, None], self.states[idx], self.actions[idx], idx - self.ep_start[end, None], mask)
+
+
+def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int) -> None:
+    """Write a Minari dataset of a uniform-random policy (the paper's "low-quality data" case).
+
+    `EpisodeBuffer` is filled directly with whole arrays: its `add_step_data` and
+    `minari.DataCollector` need jax, which we do not install.
+    """
+    env = make_env(env_id)
+    env.action_space.seed(seed)
+    buffers, steps, ep = [], 0, 0
+    with tqdm(total=n_steps, desc=f"building {dataset_id}", unit="step") as bar:
+        while steps < n_steps:
+            obs, _ = env.reset(seed=seed + ep)
+            o, a, r, term, trunc = [obs], [], [], [], []
+            while True:
+                act = env.action_space.sample()
+                obs, rew, te, tr, _ = env.step(act)
+                o.append(obs), a.append(act), r.append(rew), term.append(te), trunc.append(tr)
+                if te or tr:
+                    break
+            buffers.append(EpisodeBuffer(id=ep, seed=seed + ep, observations=np.array(o), actions=np.array(a),
+                                         rewards=np.array(r), terminations=np.array(term),
+                                         truncations=np.array(trunc), infos={}))
+            steps, ep = steps + len(r), ep + 1
+            bar.update(len(r))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Minari asks for author / permalink metadata
+        minari.create_dataset_from_buffers(
+            dataset_id=dataset_id, buffer=buffers, env=env_id, algorithm_name="uniform-random",
+            author="dt-grpo", author_email="none", code_permalink="dt_grpo.py", data_format="hdf5",
+            description=f"{steps} steps of a uniform-random policy on {env_id}, built by dt_grpo.py")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Minari downloads from the Hugging Face hub; without a network its client retries for
+    ~23 s before failing. One short TCP connect tells us first. [ours]"""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_minari(args: Args) -> tuple[minari.MinariDataset, str]:
+    """The dataset to pretrain on, and its id. Order: local cache -> hub -> (local/ ids, or
+    the default dataset with no hub) a uniform-random dataset built here, announced loudly."""
+    family = env_family(args.env)
+    dataset_id = args.dataset or ENV_TABLE[family]["dataset"]
+    local_id = f"local/{family.lower()}-random-v0"
+    try:
+        return minari.load_dataset(dataset_id), dataset_id
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a cached but broken dataset, e.g. a build killed half-way
+        raise UserError(f"cached dataset {dataset_id!r} cannot be read ({e}); delete it with "
+                        f"`minari delete {dataset_id}`") from None
+    if not dataset_id.startswith("local/"):
+        if hub_reachable():
+            try:
+                return minari.load_dataset(dataset_id, download=True), dataset_id
+            except Exception as e:
+                raise UserError(f"cannot download dataset {dataset_id!r}: {e}") from None
+        if args.dataset is not None:
+            raise UserError(f"dataset {args.dataset!r} is not cached and the Minari hub cannot be reached; "
+                            f"use --dataset {local_id} to pretrain on a locally built random dataset")
+        warn_loudly(f"dataset {dataset_id!r} is not cached and the Minari hub cannot be reached.\n"
+                    f"[dt_grpo] FALLING BACK to {local_id!r}: a uniform-random policy on {args.env} "
+                    f"(built once, then reused).\n[dt_grpo] Scores are then those of the low-quality-data "
+                    f"setting, not of {dataset_id}.")
+        dataset_id = local_id
+        try:
+            return minari.load_dataset(dataset_id), dataset_id
+        except FileNotFoundError:
+            pass
+    if args.random_dataset_steps <= 0:
+        raise UserError(f"--random-dataset-steps must be > 0 to build {dataset_id}")
+    log(f"building {dataset_id}: {args.random_dataset_steps} uniform-random steps on {args.env}")
+    build_random_dataset(dataset_id, args.env, args.random_dataset_steps, args.seed)
+    return minari.load_dataset(dataset_id), dataset_id
+
+
+def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
+    """Load the Minari dataset, check it fits the env, and flatten it for window sampling."""
+    ds, dataset_id = load_minari(args)
+    obs_shape, act_shape = ds.observation_space.shape, ds.action_space.shape
+    if obs_shape != env.observation_space.shape or act_shape != env.action_space.shape:
+        raise UserError(f"dataset {dataset_id} does not fit {args.env}: its observations/actions are "
+                        f"{obs_shape}/{act_shape}, the env's {env.observation_space.shape}/{env.action_space.shape}")
+    recorded_on = ds.spec.env_spec.id if ds.spec.env_spec is not None else "unknown"
+    if recorded_on != args.env:
+        log(f"dataset {dataset_id} was recorded on {recorded_on} and we finetune on {args.env}; "
+            "their observation and action spaces match")
+    states, actions, rtg, ep_start, ep_returns = [], [], [], [], []
+    for ep in ds.iterate_episodes():
+        T = len(ep.rewards)
+        states.append(ep.observations[:T]), actions.append(ep.actions)
+        rtg.append(returns_to_go(ep.rewards.astype(np.float64)))
+        ep_start.append(np.full(T, sum(map(len, rtg[:-1]))))
+        ep_returns.append(ep.rewards.sum())
+    states = np.concatenate(states).astype(np.float32)
+    mean, std = states.mean(0), states.std(0) + 1e-6
+    data = Dataset(
+        states=torch.as_tensor((states - mean) / std),
+        actions=torch.as_tensor(np.concatenate(actions), dtype=torch.float32),
+        rtg=torch.as_tensor(np.concatenate(rtg) * args.reward_scale, dtype=torch.float32),
+        ep_start=torch.as_tensor(np.concatenate(ep_start), dtype=torch.long),
+        state_mean=torch.as_tensor(mean), state_std=torch.as_tensor(std),
+        episode_returns=np.array(ep_returns))
+    log(f"dataset {dataset_id}: {len(ep_returns)} episodes, {len(data.rtg)} steps, "
+        f"return mean {data.episode_returns.mean():.1f} max {data.episode_returns.max():.1f}")
+    return data, dataset_id
+
+
+# =============================================================================================
+# Model: GPT-style Decision Transformer with a tanh-Gaussian action head
+# =============================================================================================
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention, plus a key-padding mask for left-padded windows."""
+
+    def __init__(self, E: int, n_head: int, dropout: float):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(E, 3 * E), nn.Linear(E, E)
+        self.n_head, self.dropout = n_head, dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        B, N, E = x.shape  # N = 3K tokens
+        q, k, v = self.qkv(x).split(E, dim=2)
+        q, k, v = (z.view(B, N, self.n_head, E // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, E)))
+
+
+class Block(nn.Module):
+    def __init__(self, E: int, n_head: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(E), nn.LayerNorm(E)
+        self.attn = CausalSelfAttention(E, n_head, dropout)
+        self.mlp = nn.Sequential(nn.Linear(E, 4 * E), nn.GELU(), nn.Linear(4 * E, E), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attn_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # ODT's squashing range for the log-std
+ACTION_CLAMP = 1 - 1e-6  # dataset actions at exactly ±1 would give atanh = ±inf
+
+
+class TanhNormal:
+    """a = tanh(u), u ~ Normal(mean, std): the stochastic policy of ODT. Shapes (..., A)."""
+
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
+        self.mean, self.log_std = mean, log_std
+
+    def log_prob(self, a: torch.Tensor) -> torch.Tensor:
+        """log π(a), summed over action dims: (..., A) -> (...). Change of variables:
+        log p(a) = log N(u) - sum log(1 - tanh(u)^2), written stably as 2(log 2 - u - softplus(-2u))."""
+        u = torch.atanh(a.clamp(-ACTION_CLAMP, ACTION_CLAMP))
+        log_normal = -0.5 * ((u - self.mean) / self.log_std.exp()) ** 2 - self.log_std - 0.5 * math.log(2 * math.pi)
+        log_det = 2 * (math.log(2) - u - F.softplus(-2 * u))
+        return (log_normal - log_det).sum(-1)
+
+    def sample(self, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+        eps = torch.randn(self.mean.shape, generator=gen, device=self.mean.device)
+        return torch.tanh(self.mean + self.log_std.exp() * eps)
+
+    def rsample_entropy(self) -> torch.Tensor:
+        """One-sample estimate of the entropy, -log π(a) with a reparameterised a, as ODT does
+        (the tanh-Gaussian has no closed form). (..., A) -> (...)"""
+        a = torch.tanh(self.mean + self.log_std.exp() * torch.randn_like(self.mean))
+        return -self.log_prob(a)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        """The deterministic action used in evaluation and in the L_eval scoring steps."""
+        return torch.tanh(self.mean)
+
+
+class DecisionTransformer(nn.Module):
+    """Tokens (R̂_t, s_t, a_t) per timestep, each with a linear embedding plus a learned embedding
+    of the absolute episode step t [DT]; a causal GPT; the action a_t is predicted from the
+    hidden state of the s_t token, so it sees R̂_≤t, s_≤t, a_<t only."""
+
+    def __init__(self, S: int, A: int, max_ep_len: int, K: int, E: int, n_layer: int, n_head: int, dropout: float):
+        super().__init__()
+        self.S, self.A, self.K = S, A, K
+        self.embed_rtg, self.embed_state, self.embed_action = nn.Linear(1, E), nn.Linear(S, E), nn.Linear(A, E)
+        self.embed_t = nn.Embedding(max_ep_len, E)
+        self.ln_in, self.drop = nn.LayerNorm(E), nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(E, n_head, dropout) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(E)
+        self.head = nn.Linear(E, 2 * A)  # mean and (pre-squash) log-std
+        self.register_buffer("causal", torch.tril(torch.ones(3 * K, 3 * K, dtype=torch.bool)), persistent=False)
+
+    def forward(self, ctx: Context) -> TanhNormal:
+        """Context of B windows -> the policy at every step of every window, (B, K, A)."""
+        B, K = ctx.timesteps.shape
+        t_emb = self.embed_t(ctx.timesteps)  # (B, K, E)
+        tokens = torch.stack([self.embed_rtg(ctx.rtg) + t_emb, self.embed_state(ctx.states) + t_emb,
+                              self.embed_action(ctx.actions) + t_emb], dim=2)  # (B, K, 3, E)
+        x = self.drop(self.ln_in(tokens.reshape(B, 3 * K, -1)))  # (B, 3K, E): R̂_1 s_1 a_1 R̂_2 ...
+        # Causal mask AND key padding; each token may always see itself, so padded queries give
+        # finite (ignored) outputs instead of NaN from an all-masked softmax row.
+        key_ok = ctx.mask.repeat_interleave(3, dim=1)  # (B, 3K)
+        attn_mask = self.causal[: 3 * K, : 3 * K] & (key_ok[:, None, :] | torch.eye(3 * K, dtype=torch.bool, device=x.device))
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        h = self.ln_f(x).reshape(B, K, 3, -1)[:, :, 1]  # (B, K, E) hidden state of the s_t tokens
+        mean, raw_log_std = self.head(h).split(self.A, dim=-1)
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(raw_log_std) + 1)
+        return TanhNormal(mean, log_std)
+
+
+def make_model(args: Args, S: int, A: int, max_ep_len: int) -> DecisionTransformer:
+    return DecisionTransformer(S, A, max_ep_len, args.context_len, args.embed_dim, args.n_layer,
+                               args.n_head, args.dropout).to(args.device)
+
+
+# =============================================================================================
+# Pretraining: ODT objective, -log-likelihood - T * entropy, with T learned toward -|A|
+# =============================================================================================
+def odt_loss(model: DecisionTransformer, ctx: Context, log_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (policy loss, temperature loss, entropy). Averages over the real (unpadded) steps."""
+    dist = model(ctx)
+    m = ctx.mask.float()
+    nll = -(dist.log_prob(ctx.actions) * m).sum() / m.sum()
+    entropy = (dist.rsample_entropy() * m).sum() / m.sum()
+    temperature = log_temp.exp()
+    loss = nll - temperature.detach() * entropy
+    # ODT: T rises when the entropy is below target -|A| and falls when above.
+    temp_loss = temperature * (entropy - (-model.A)).detach()
+    return loss, temp_loss, entropy
+
+
+def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Metrics", gen: torch.Generator) -> None:
+    """Offline pretraining as in ODT: AdamW with linear warm-up and gradient clipping for the
+    policy, Adam for the log-temperature."""
+    log_temp = torch.tensor(math.log(args.init_temperature), requires_grad=True, device=args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
+    temp_opt = torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))
+    model.train()
+    bar = tqdm(range(args.pretrain_steps), desc="pretrain", unit="upd")
+    for step in bar:
+        ctx = data.sample(args.batch_size, args.context_len, gen)
+        ctx = Context(*(z.to(args.device) for z in dataclasses.astuple(ctx)))
+        loss, temp_loss, entropy = odt_loss(model, ctx, log_temp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step(), sched.step()
+        temp_opt.zero_grad(set_to_none=True)
+        temp_loss.backward()
+        temp_opt.step()
+        if step % 50 == 0 or step == args.pretrain_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}", T=f"{log_temp.exp().item():.3f}")
+            metrics.write(phase="pretrain", step=step + 1, loss=loss.item(), temperature=log_temp.exp().item(),
+                          entropy=entropy.item())
+    model.eval()
+
+
+# =============================================================================================
+# Rollouts and resets: B episodes advanced together, exact MuJoCo snapshots
+# =============================================================================================
+STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: qpos, qvel, act, warm-start, time...
+
+
+def get_snapshot(env: gym.Env) -> np.ndarray:
+    """The full integration state of the simulator (ALGORITHM.md §2.2), plus the body positions.
+
+    set_state(qpos, qvel) is not enough: it skips qacc_warmstart, and the ~1e-15 differences
+    grow. The body positions `xpos` are not state but the env's reward reads them *before*
+    stepping (Ant's forward reward: get_body_com), when they are still those that the previous
+    mj_step computed; mj_forward on restore would refresh them, so we carry them along. [ours]
+    """
+    m, d = env.unwrapped.model, env.unwrapped.data
+    buf = np.empty(mujoco.mj_stateSize(m, STATE_SPEC))
+    mujoco.mj_getState(m, d, buf, STATE_SPEC)
+    return np.concatenate([buf, d.xpos.ravel()])
+
+
+def set_snapshot(env: gym.Env, snapshot: np.ndarray) -> None:
+    m, d = env.unwrapped.model, env.unwrapped.data
+    n = mujoco.mj_stateSize(m, STATE_SPEC)
+    mujoco.mj_setState(m, d, snapshot[:n], STATE_SPEC)
+    mujoco.mj_forward(m, d)  # recompute the derived quantities the next observation reads
+    d.xpos[:] = snapshot[n:].reshape(d.xpos.shape)
+
+
+@dataclass
+class Episodes:
+    """B episodes in flight: everything the DT context needs, plus rewards, per episode step.
+
+    Row b holds episode b from step 0. The context of episode b at its step t[b] is the window
+    of K rows ending at t[b] (`window_indices`), so restoring "the same DT context" after a
+    simulator reset is copying rows: nothing else is kept between steps.
+    """
+
+    states: torch.Tensor  # (B, T+1, S) normalised observations
+    actions: torch.Tensor  # (B, T+1, A) action taken at each step (row T unused)
+    rewards: torch.Tensor  # (B, T+1) reward after each step (row T unused)
+    rtg: torch.Tensor  # (B, T+1) scaled return-to-go token fed at each step
+    t: torch.Tensor  # (B,) current episode step (long)
+    done: torch.Tensor  # (B,) bool, terminated or truncated
+
+    @staticmethod
+    def start(obs: np.ndarray, target_return: float, T: int, data: Dataset, reward_scale: float) -> "Episodes":
+        """New episodes from reset observations obs (B, S), all conditioned on target_return."""
+        B, S = obs.shape
+        ep = Episodes(torch.zeros(B, T + 1, S), torch.zeros(B, T + 1, data.actions.shape[1]), torch.zeros(B, T + 1),
+                      torch.zeros(B, T + 1), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.bool))
+        ep.states[:, 0] = normalise(obs, data)
+        ep.rtg[:, 0] = target_return * reward_scale
+        return ep
+
+    def context(self, K: int, rows: torch.Tensor, t: Optional[torch.Tensor] = None) -> Context:
+        """Context windows of episodes `rows` ending at their step t (default: current step)."""
+        t = self.t[rows] if t is None else t
+        Tp1 = self.states.shape[1]
+        idx, mask = window_indices(rows * Tp1 + t, rows * Tp1, K)  # flat row indices (len(rows), K)
+        flat = lambda z: z.reshape(-1, *z.shape[2:])[idx]  # noqa: E731
+        return Context(flat(self.rtg)[..., None], flat(self.states), flat(self.actions), idx - (rows * Tp1)[:, None], mask)
+
+    def branch(self, b: int, t0: torch.Tensor) -> "Episodes":
+        """len(t0) copies of episode b, cut back to steps t0 (the reset points): prefix kept, rest zeroed."""
+        keep = torch.arange(self.states.shape[1])[None, :] <= t0[:, None]  # (B', T+1)
+        cut = lambda z: z[b].expand(len(t0), *z.shape[1:]) * keep.view(*keep.shape, *[1] * (z.dim() - 2))  # noqa: E731
+        before = torch.arange(self.states.shape[1])[None, :] < t0[:, None]  # actions/rewards exist before t0 only
+        return Episodes(cut(self.states), self.actions[b].expand(len(t0), -1, -1) * before[..., None],
+                        self.rewards[b].expand(len(t0), -1) * before, cut(self.rtg), t0.clone(),
+                        torch.zeros(len(t0), dtype=torch.bool))
+
+
+def normalise(obs: np.ndarray, data: Dataset) -> torch.Tensor:
+    return (torch.as_tensor(obs, dtype=torch.float32) - data.state_mean) / data.state_std
+
+
+@torch.no_grad()
+def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, n_sampled: int, data: Dataset,
+            reward_scale: float, gen: torch.Generator, snapshots: Optional[list] = None) -> dict:
+    """Advance B episodes together, one batched forward pass per step, for at most n_steps.
+
+    envs[b] plays episode b. The first n_sampled actions are sampled from the policy (their
+    log-probs are recorded: log π_old), the rest are mean actions. The episode step counter
+    is ours, not the TimeLimit wrapper's (which a snapshot restore cannot rewind), and episodes
+    are truncated at T = max_episode_steps (ALGORITHM.md §2.3). If `snapshots` is a list, the
+    simulator state of envs[0] before each of its steps is appended to it.
+
+    Returns logp (B, n_sampled), valid (B, n_sampled) bool, uncertainty (B, n_steps) = mean
+    predicted log-std (nan where no step), env_steps (int).
+    """
+    model.eval()  # dropout off: log π_old must be the exact function that is later differentiated
+    B, T = len(envs), ep.states.shape[1] - 1
+    logp, valid = torch.zeros(B, n_sampled), torch.zeros(B, n_sampled, dtype=torch.bool)
+    uncertainty = torch.full((B, n_steps), float("nan"))
+    env_steps = 0
+    for j in range(n_steps):
+        rows = (~ep.done).nonzero().squeeze(1)  # (B',) episodes still running
+        if len(rows) == 0:
+            break
+        dist = model(ep.context(model.K, rows))
+        dist = TanhNormal(dist.mean[:, -1], dist.log_std[:, -1])  # (B', A): policy at the current step
+        a = dist.sample(gen) if j < n_sampled else dist.mode
+        if j < n_sampled:
+            logp[rows, j], valid[rows, j] = dist.log_prob(a), True
+        uncertainty[rows, j] = dist.log_std.mean(-1)
+        for i, b in enumerate(rows.tolist()):
+            if snapshots is not None and b == 0:
+                snapshots.append(get_snapshot(envs[0]))
+            obs, r, terminated, _, _ = envs[b].unwrapped.step(a[i].numpy())
+            t = int(ep.t[b])
+            ep.actions[b, t], ep.rewards[b, t] = a[i], r
+            ep.states[b, t + 1], ep.rtg[b, t + 1] = normalise(obs, data), ep.rtg[b, t] - r * reward_scale
+            ep.t[b] = t + 1
+            ep.done[b] = terminated or t + 1 >= T
+        env_steps += len(rows)
+    return dict(logp=logp, valid=valid, uncertainty=uncertainty, env_steps=env_steps)
+
+
+def reset_envs(envs: list, seeds: list[int]) -> np.ndarray:
+    """Reset each env with its seed; returns the observations (B, S)."""
+    return np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
+
+
+# =============================================================================================
+# GRPO: reset points, groups, advantages, sequence-level ratios, clipped surrogate
+# =============================================================================================
+def reset_point_probs(uncertainty: torch.Tensor, active: bool, temperature: float) -> torch.Tensor:
+    """Probability of each trajectory step as a reset point. (T,) -> (T,)
+
+    [paper] active sampling favours uncertain states; the exact rule is not published.
+    [ours] softmax of the standardised uncertainty / temperature, so that temperature means the
+    same on every env; inactive = uniform.
+    """
+    if not active or len(uncertainty) < 2:
+        return torch.full_like(uncertainty, 1 / len(uncertainty))
+    z = (uncertainty - uncertainty.mean()) / (uncertainty.std() + 1e-8)
+    return torch.softmax(z / temperature, dim=0)
+
+
+def group_advantages(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """GRPO advantages: Â_i = (R_i - mean_group R) / (std_group R + eps). (N, G) -> (N, G)
+
+    The group mean is the baseline; no critic [paper]. A group whose scores are all equal
+    gives exactly zero: it carries no signal about which actions were better.
+    """
+    centred = scores - scores.mean(1, keepdim=True)
+    return centred / (scores.std(1, unbiased=False, keepdim=True) + eps)
+
+
+def log_ratios(logp_new: torch.Tensor, logp_old: torch.Tensor, valid: torch.Tensor, mode: str) -> torch.Tensor:
+    """Log importance ratios. (B, L) -> (B,) for 'joint'/'mean', (B, L) for 'token'.
+
+    joint [paper]: log ρ_i = Σ_t log π_θ(a_t|c_t) - log π_old(a_t|c_t) over the sampled actions.
+    mean (GSPO): that sum divided by the number of sampled actions.
+    token (PPO/GRPO ablation): one ratio per action.
+    """
+    diff = (logp_new - logp_old) * valid
+    if mode == "token":
+        return diff
+    total = diff.sum(1)
+    return total if mode == "joint" else total / valid.sum(1).clamp(min=1)
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """PPO's pessimistic objective, elementwise: -min(ρ Â, clip(ρ, 1-ε, 1+ε) Â). Broadcasts."""
+    ratio = log_ratio.exp()
+    return -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+
+
+def grpo_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, valid: torch.Tensor, adv: torch.Tensor,
+                     mode: str, clip_eps: float) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate of one minibatch, and its diagnostics.
+    logp_new, logp_old, valid: (B, L); adv: (B,). Averaged over rollouts for the sequence
+    ratios, over valid actions for the token ratio."""
+    lr_ = log_ratios(logp_new, logp_old, valid, mode)
+    if mode == "token":
+        adv, w = adv[:, None], valid
+    else:
+        w = torch.ones_like(lr_)
+    loss = (clipped_surrogate(lr_, adv, clip_eps) * w).sum() / w.sum()
+    with torch.no_grad():
+        token_lr = (logp_new - logp_old) * valid
+        stat = dict(abs_log_ratio=((lr_.abs() * w).sum() / w.sum()).item(),
+                    clip_frac=((((lr_.exp() - 1).abs() > clip_eps) * w).sum() / w.sum()).item(),
+                    # k3 estimator of KL(π_old || π_θ) per action (Schulman 2020)
+                    approx_kl=((token_lr.exp() - 1 - token_lr) * valid).sum().item() / valid.sum().item())
+    return loss, stat
+
+
+@dataclass
+class GroupBatch:
+    """What one GRPO iteration collected: N*G rollouts of L sampled actions each."""
+
+    ep: Episodes  # (B = N*G) rollout histories (whose rows the contexts are cut from)
+    t0: torch.Tensor  # (B,) reset step of each rollout
+    logp_old: torch.Tensor  # (B, L) log π_old of the sampled actions, recorded while acting
+    valid: torch.Tensor  # (B, L) bool, False after the episode ended
+    scores: torch.Tensor  # (N, G) sum of rewards over the L + L_eval steps
+    adv: torch.Tensor  # (B,) group advantages
+
+    def windows(self, rows: torch.Tensor, K: int) -> tuple[Context, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The exact context windows under which the sampled actions of `rows` were taken, for the
+        valid steps only (an episode may end before L): Context of V windows, actions (V, A), and
+        (i, j) such that window v is sampled step j of rollout rows[i]."""
+        i, j = self.valid[rows].nonzero(as_tuple=True)  # (V,), (V,)
+        r, t = rows[i], self.t0[rows[i]] + j
+        return self.ep.context(K, r, t), self.ep.actions[r, t], (i, j)
+
+
+def hindsight_relabel(ep: Episodes, reward_scale: float) -> Episodes:
+    """ODT's hindsight return relabeling, as the paper's negative ablation: RTG tokens become the
+    (scaled) return each rollout actually achieved from that step on. Nothing else changes.
+
+    The actions were sampled under the *original* tokens, so π_old(a | relabelled context) is not
+    the distribution a came from and the importance ratios are wrong [paper]."""
+    achieved = torch.flip(torch.cumsum(torch.flip(ep.rewards, [1]), 1), [1]) * reward_scale  # (B, T+1)
+    return dataclasses.replace(ep, rtg=achieved)
+
+
+def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float,
+                   gen: torch.Generator, rng: np.random.Generator) -> tuple[GroupBatch, dict]:
+    """Steps (a)-(d) of one GRPO iteration; returns the batch and rollout statistics."""
+    N, G, L, T = args.reset_points, args.group_size, args.traj_len, envs[0].spec.max_episode_steps
+    # (a) one trajectory of the current (stochastic) policy, with a snapshot at every step.
+    snapshots: list = []
+    traj = Episodes.start(reset_envs(envs[:1], [int(rng.integers(2**31))]), target, T, data, args.reward_scale)
+    out = rollout(model, envs[:1], traj, T, T, data, args.reward_scale, gen, snapshots)
+    n = int(traj.t[0])
+    # (b) reset points: active sampling by the policy's uncertainty along the trajectory.
+    probs = reset_point_probs(out["uncertainty"][0, :n], args.active_sampling, args.active_temperature)
+    t0 = torch.multinomial(probs, N, replacement=n < N, generator=gen)  # (N,)
+    # (c) G rollouts from each reset point: same simulator state, same DT context.
+    t0 = t0.repeat_interleave(G)  # (N*G,)
+    ep = traj.branch(0, t0)
+    for env, t in zip(envs[: N * G], t0.tolist()):
+        set_snapshot(env, snapshots[t])
+    grp = rollout(model, envs[: N * G], ep, L + args.eval_len, L, data, args.reward_scale, gen)
+    steps = torch.arange(T + 1)[None, :]
+    scored = (steps >= t0[:, None]) & (steps < ep.t[:, None])  # steps taken by each rollout
+    scores = (ep.rewards * scored).sum(1).view(N, G)  # (N, G)
+    # (d) group-relative advantages.
+    adv = group_advantages(scores).view(-1)
+    if args.hindsight_relabel:
+        ep = hindsight_relabel(ep, args.reward_scale)
+    stats = dict(env_steps=out["env_steps"] + grp["env_steps"], traj_return=traj.rewards[0].sum().item(),
+                 group_score=scores.mean().item(), adv_std=scores.std(1, unbiased=False).mean().item())
+    return GroupBatch(ep, t0, grp["logp"], grp["valid"], scores, adv), stats
+
+
+def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_θ of the sampled actions of rollouts `rows` under their exact rollout contexts,
+    (len(rows), L) with zeros at invalid steps, and the mean entropy estimate over those steps."""
+    ctx, actions, (i, j) = batch.windows(rows, model.K)
+    dist = model(ctx)
+    dist = TanhNormal(dist.mean[:, -1], dist.log_std[:, -1])  # (V, A): the policy at each window's last step
+    logp = torch.zeros(len(rows), batch.logp_old.shape[1]).index_put((i, j), dist.log_prob(actions))
+    return logp, dist.rsample_entropy().mean()
+
+
+def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer, batch: GroupBatch,
+                gen: torch.Generator) -> dict:
+    """(e) Several epochs of minibatch updates of the clipped surrogate with the chosen ratio,
+    plus an entropy bonus [paper]. Dropout is off: π_θ must be the same function that acted.
+    Rollouts of zero-spread groups have Â = 0 and are skipped (they add no gradient)."""
+    model.eval()
+    rows_all = (batch.adv != 0).nonzero().squeeze(1)
+    stats: dict[str, list] = dict(abs_log_ratio=[], clip_frac=[], approx_kl=[], entropy=[])
+    for _ in range(args.epochs):
+        for rows in rows_all[torch.randperm(len(rows_all), generator=gen)].split(args.minibatch_size):
+            logp_new, entropy = batch_log_probs(model, batch, rows)
+            valid = batch.valid[rows].float()
+            policy_loss, stat = grpo_policy_loss(logp_new, batch.logp_old[rows], valid, batch.adv[rows],
+                                                 args.ratio, args.clip_eps)
+            loss = policy_loss - args.ent_coef * entropy
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            for k, v in dict(stat, entropy=entropy.item()).items():
+                stats[k].append(v)
+    return {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+
+
+# =============================================================================================
+# Evaluation: deterministic rollouts, D4RL-normalised score
+# =============================================================================================
+def normalised_score(env_id: str, returns: np.ndarray) -> np.ndarray:
+    """D4RL normalised score: 100 (R - random) / (expert - random)."""
+    c = ENV_TABLE[env_family(env_id)]
+    return 100 * (returns - c["ref_min"]) / (c["ref_max"] - c["ref_min"])
+
+
+def evaluate(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float) -> np.ndarray:
+    """Returns of args.eval_episodes mean-action episodes, run together. Seeds are fixed so that
+    every evaluation of a run sees the same start states. (eval_episodes,)"""
+    envs = envs[: args.eval_episodes]
+    T = envs[0].spec.max_episode_steps
+    obs = reset_envs(envs, [10_000 + args.seed * 1000 + i for i in range(len(envs))])
+    ep = Episodes.start(obs, target, T, data, args.reward_scale)
+    rollout(model, envs, ep, T, 0, data, args.reward_scale, torch.Generator())
+    return ep.rewards.sum(1).numpy()
+
+
+# =============================================================================================
+# Main: run directory, metrics, checkpoints, the whole pipeline
+# =============================================================================================
+class Metrics:
+    """Append-only CSV with a fixed header: one row per logged event, blanks where n/a."""
+
+    FIELDS = ["phase", "step", "env_steps", "wall_time_s", "loss", "temperature", "entropy", "return",
+              "norm_score", "traj_return", "group_score", "adv_std", "abs_log_ratio", "clip_frac", "approx_kl"]
+
+    def __init__(self, path: Path):
+        self.path, self.t_start = path, time.time()
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(self.FIELDS)
+
+    def write(self, **row) -> None:
+        row["wall_time_s"] = round(time.time() - self.t_start, 2)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.FIELDS).writerow(row)
+
+
+def save_checkpoint(path: Path, model: DecisionTransformer, data: Dataset, args: Args) -> None:
+    """Weights, state normalisation and args, written atomically (temp file + rename)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(dict(model=model.state_dict(), state_mean=data.state_mean, state_std=data.state_std,
+                    reward_scale=args.reward_scale, args=dataclasses.asdict(args)), tmp)
+    os.replace(tmp, path)
+
+
+def finetune(args: Args, model: DecisionTransformer, envs: list, data: Dataset, metrics: Metrics, ckpt: Path,
+             target: float, gen: torch.Generator, rng: np.random.Generator) -> tuple[float, int]:
+    """GRPO iterations until the env-step budget is spent; evaluates and checkpoints every
+    args.eval_every env steps. Returns the last normalised score and the env steps used."""
+    online_target = args.online_target_return if args.online_target_return is not None else target
+    opt = torch.optim.AdamW(model.parameters(), lr=args.online_lr, weight_decay=args.weight_decay)
+    env_steps, it, next_eval, score = 0, 0, args.eval_every, float("nan")
+    bar = tqdm(total=args.online_steps, desc="GRPO", unit="step")
+    while env_steps < args.online_steps:
+        batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng)
+        stats.update(grpo_update(args, model, opt, batch, gen))
+        env_steps, it = env_steps + stats.pop("env_steps"), it + 1
+        metrics.write(phase="grpo", step=it, env_steps=env_steps, **stats)
+        if env_steps >= next_eval or env_steps >= args.online_steps:
+            returns = evaluate(args, model, envs, data, target)
+            score = float(normalised_score(args.env, returns).mean())
+            metrics.write(phase="eval", step=it, env_steps=env_steps, norm_score=score, **{"return": returns.mean()})
+            save_checkpoint(ckpt, model, data, args)
+            next_eval = (env_steps // args.eval_every + 1) * args.eval_every
+        bar.update(min(env_steps, args.online_steps) - bar.n)
+        bar.set_postfix(score=f"{score:.1f}", group=f"{stats['group_score']:.0f}", clip=f"{stats['clip_frac']:.2f}")
+    bar.close()
+    return score, env_steps
+
+
+def run(args: Args) -> dict:
+    """The whole pipeline: data, pretraining, evaluation, GRPO finetuning, summary."""
+    check_args(args)
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
+    env = make_env(args.env)
+    target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
+    run_dir = Path(args.run_dir or f"runs/{args.env}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log(f"run directory: {run_dir}")
+    metrics, ckpt, times = Metrics(run_dir / "metrics.csv"), run_dir / "checkpoint.pt", {}
+
+    t0 = time.time()
+    data, dataset_id = load_data(args, env)
+    times["data_time_s"] = time.time() - t0
+    model = make_model(args, data.states.shape[1], data.actions.shape[1], env.spec.max_episode_steps)
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    envs = [make_env(args.env) for _ in range(max(args.eval_episodes, args.reset_points * args.group_size))]
+    try:
+        t0 = time.time()
+        pretrain(args, model, data, metrics, gen)
+        times["pretrain_time_s"] = time.time() - t0
+        save_checkpoint(ckpt, model, data, args)
+        t0 = time.time()
+        returns = evaluate(args, model, envs, data, target)
+        times["eval_time_s"] = time.time() - t0
+        pretrained_score = float(normalised_score(args.env, returns).mean())
+        metrics.write(phase="eval", step=0, env_steps=0, norm_score=pretrained_score, **{"return": returns.mean()})
+        log(f"pretrained: return {returns.mean():.1f}, normalised score {pretrained_score:.1f}")
+        final_score, env_steps = pretrained_score, 0
+        if args.online_steps > 0:
+            t0 = time.time()
+            final_score, env_steps = finetune(args, model, envs, data, metrics, ckpt, target, gen, rng)
+            times["online_time_s"] = time.time() - t0
+    except KeyboardInterrupt:
+        save_checkpoint(ckpt, model, data, args)
+        log(f"interrupted: weights saved to {ckpt}, metrics so far in {metrics.path}")
+        sys.exit(130)
+
+    summary = dict(env=args.env, dataset=dataset_id, seed=args.seed, pretrained_score=pretrained_score,
+                   final_score=final_score, online_env_steps=env_steps, wall_time_s=time.time() - t_start,
+                   pretrain_updates_per_s=args.pretrain_steps / max(times["pretrain_time_s"], 1e-9), **times)
+    summary = {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n{'env':<20}{args.env}\n{'dataset':<20}{dataset_id}\n{'pretrained score':<20}{pretrained_score:.1f}\n"
+          f"{'final score':<20}{final_score:.1f}\n{'online env steps':<20}{env_steps}\n"
+          f"{'wall time':<20}{summary['wall_time_s']:.0f} s\n{'outputs':<20}{run_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        run(tyro.cli(Args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

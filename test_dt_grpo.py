@@ -1,0 +1,355 @@
+"""Tests of dt_grpo.py: the correctness conditions of ALGORITHM.md §2, the pure functions
+against hand-computed values, and the user paths through the CLI. No network is used: every
+dataset is built locally under a temporary MINARI_DATASETS_PATH.
+
+    python -m pytest -q
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dt_grpo as D
+
+HERE = Path(__file__).resolve().parent
+# A tiny configuration: every test below runs in seconds on 2 CPU cores.
+TINY = dict(context_len=5, embed_dim=32, n_layer=2, n_head=2, group_size=4, reset_points=3, traj_len=6,
+            eval_len=10, minibatch_size=4, epochs=1, eval_episodes=2, random_dataset_steps=2000)
+TINY_FLAGS = ["--context-len", "5", "--embed-dim", "32", "--n-layer", "2", "--n-head", "2", "--group-size", "4",
+              "--reset-points", "3", "--traj-len", "6", "--eval-len", "10", "--minibatch-size", "4",
+              "--epochs", "1", "--eval-episodes", "2", "--random-dataset-steps", "2000", "--pretrain-steps", "20",
+              "--batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def minari_dir(tmp_path_factory):
+    """A private Minari root holding local/hopper-random-v0 (2000 random steps)."""
+    root = tmp_path_factory.mktemp("minari")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    D.build_random_dataset("local/hopper-random-v0", "Hopper-v4", 2000, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def setup(minari_dir):
+    """Args, env pool, data and an untrained tiny model (eval mode)."""
+    args = D.Args(dataset="local/hopper-random-v0", **TINY)
+    env = D.make_env("Hopper-v4")
+    data, _ = D.load_data(args, env)
+    torch.manual_seed(0)
+    model = D.make_model(args, 11, 3, env.spec.max_episode_steps).eval()
+    envs = [D.make_env("Hopper-v4") for _ in range(args.reset_points * args.group_size)]
+    return args, envs, data, model
+
+
+def cli(*flags, env=None, cwd=None):
+    e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, str(HERE / "dt_grpo.py"), *flags], capture_output=True, text=True,
+                          env=e, cwd=cwd, timeout=600)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions against hand-computed values
+# ---------------------------------------------------------------------------------------------
+def test_returns_to_go_hand_example():
+    np.testing.assert_allclose(D.returns_to_go(np.array([1.0, 2.0, 3.0, -1.0])), [5.0, 4.0, 2.0, -1.0])
+
+
+def test_window_indices_left_pad():
+    idx, mask = D.window_indices(torch.tensor([1, 5]), torch.tensor([0, 2]), K=3)
+    assert idx.tolist() == [[0, 0, 1], [3, 4, 5]]
+    assert mask.tolist() == [[False, True, True], [True, True, True]]
+
+
+def test_dataset_windows_stay_inside_one_episode(setup):
+    _, _, data, _ = setup
+    ctx = data.sample(256, 5, torch.Generator().manual_seed(0))
+    assert ctx.mask[:, -1].all()  # the last step of a window is always real
+    t = ctx.timesteps.masked_fill(~ctx.mask, -1)
+    real_steps = t[:, 1:][ctx.mask[:, :-1]] - t[:, :-1][ctx.mask[:, :-1]]
+    assert (real_steps == 1).all()  # consecutive steps of one episode, never across a boundary
+    assert ctx.timesteps.min() >= 0
+
+
+def test_group_advantages_hand_example():
+    adv = D.group_advantages(torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
+    s = math.sqrt(1.5)  # (x - 2) / sqrt(2/3)
+    torch.testing.assert_close(adv[0], torch.tensor([-s, 0.0, s]))
+    assert adv[1].tolist() == [0.0, 0.0, 0.0]  # zero spread: no signal
+    torch.testing.assert_close(adv[0].mean(), torch.tensor(0.0))
+    torch.testing.assert_close(adv[0].std(unbiased=False), torch.tensor(1.0), atol=1e-6, rtol=0)
+
+
+def test_log_ratios_hand_example():
+    new = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 9.0]])
+    old = torch.zeros(2, 3)
+    valid = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    torch.testing.assert_close(D.log_ratios(new, old, valid, "joint"), torch.tensor([0.6, 1.0]))
+    torch.testing.assert_close(D.log_ratios(new, old, valid, "mean"), torch.tensor([0.2, 0.5]))
+    torch.testing.assert_close(D.log_ratios(new, old, valid, "token"), torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0]]))
+
+
+def test_clipped_surrogate_hand_example():
+    lr = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1]))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0])
+    # +A: gain capped at 1+eps; -A: pessimistic, the unclipped 1.5 counts; ratio 0.5: mirror image
+    torch.testing.assert_close(D.clipped_surrogate(lr, adv, 0.2), torch.tensor([-1.2, 1.5, -0.5, 0.8, -2.2]))
+
+
+def test_reset_point_probs_follow_uncertainty():
+    u = torch.tensor([0.0, 0.0, 3.0, 0.0, 1.0, 0.0])
+    active = D.reset_point_probs(u, active=True, temperature=1.0)
+    torch.testing.assert_close(active.sum(), torch.tensor(1.0))
+    assert active.argmax() == 2 and active[4] > active[0] and active[2] > 1 / 6
+    greedy = D.reset_point_probs(u, active=True, temperature=0.2)
+    assert greedy[2] > active[2]
+    uniform = D.reset_point_probs(u, active=False, temperature=1.0)
+    torch.testing.assert_close(uniform, torch.full((6,), 1 / 6))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+def test_tanh_normal_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    mean, log_std = torch.randn(50, 3), torch.rand(50, 3) * 2 - 1.5
+    dist = D.TanhNormal(mean, log_std)
+    a = dist.sample().clamp(-0.99, 0.99)  # float32 atanh loses precision next to ±1
+    ref = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()])
+    torch.testing.assert_close(dist.log_prob(a), ref.log_prob(a).sum(-1), atol=1e-4, rtol=1e-5)
+
+
+def test_tanh_normal_density_integrates_to_one():
+    """Numerical check of the change of variables: ∫ π(a) da = 1 over (-1, 1), in 1-D."""
+    dist = D.TanhNormal(torch.tensor([[0.4]], dtype=torch.float64), torch.tensor([[-0.7]], dtype=torch.float64))
+    a = torch.linspace(-1 + 1e-9, 1 - 1e-9, 400_001, dtype=torch.float64)[:, None]
+    density = dist.log_prob(a).exp()
+    assert abs(torch.trapezoid(density, a[:, 0]).item() - 1) < 1e-4
+
+
+def test_log_prob_is_finite_at_action_bounds():
+    dist = D.TanhNormal(torch.zeros(2, 3), torch.zeros(2, 3))
+    assert torch.isfinite(dist.log_prob(torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, 1.0]]))).all()
+
+
+def random_context(B=3, K=6, S=11, A=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return D.Context(torch.randn(B, K, 1, generator=g), torch.randn(B, K, S, generator=g),
+                     torch.rand(B, K, A, generator=g) * 2 - 1, torch.randint(0, 900, (B, K), generator=g),
+                     torch.ones(B, K, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("p", [0, 2, 4])
+def test_causality(p):
+    """Changing any token after s_p (a_p, and everything at steps > p) changes no output at steps <= p;
+    changing s_p does change the output at p."""
+    torch.manual_seed(0)
+    model = D.DecisionTransformer(11, 3, 1000, 6, 32, 2, 2, 0.0).eval()
+    ctx = random_context()
+    changed = random_context(seed=1)
+    after = D.Context(ctx.rtg.clone(), ctx.states.clone(), ctx.actions.clone(), ctx.timesteps.clone(), ctx.mask)
+    after.rtg[:, p + 1:], after.states[:, p + 1:], after.timesteps[:, p + 1:] = (
+        changed.rtg[:, p + 1:], changed.states[:, p + 1:], changed.timesteps[:, p + 1:])
+    after.actions[:, p:] = changed.actions[:, p:]
+    with torch.no_grad():
+        d0, d1 = model(ctx), model(after)
+    torch.testing.assert_close(d0.mean[:, : p + 1], d1.mean[:, : p + 1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(d0.log_std[:, : p + 1], d1.log_std[:, : p + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(d0.mean[:, p + 1:], d1.mean[:, p + 1:])
+    after.states[:, p] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(model(after).mean[:, p], d0.mean[:, p])
+
+
+def test_left_padding_is_invisible():
+    """The contents of padded slots do not change the outputs at real steps."""
+    torch.manual_seed(0)
+    model = D.DecisionTransformer(11, 3, 1000, 6, 32, 2, 2, 0.0).eval()
+    ctx = random_context()
+    ctx.mask[:, :2] = False
+    other = random_context(seed=5)
+    padded = D.Context(ctx.rtg.clone(), ctx.states.clone(), ctx.actions.clone(), ctx.timesteps.clone(), ctx.mask)
+    padded.states[:, :2], padded.rtg[:, :2], padded.actions[:, :2] = other.states[:, :2], other.rtg[:, :2], other.actions[:, :2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ctx).mean[:, 2:], model(padded).mean[:, 2:], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resets and time limits
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env_id", ["Hopper-v4", "Hopper-v5", "Walker2d-v4", "Walker2d-v5",
+                                    "HalfCheetah-v4", "HalfCheetah-v5", "Ant-v4", "Ant-v5"])
+def test_snapshot_restore_is_bit_exact(env_id):
+    env, other = D.make_env(env_id), D.make_env(env_id)
+    env.reset(seed=0), other.reset(seed=123)
+    rng = np.random.default_rng(0)
+    for _ in range(15):
+        env.unwrapped.step(rng.uniform(-1, 1, env.action_space.shape))
+    snap = D.get_snapshot(env)
+    actions = rng.uniform(-1, 1, (40, *env.action_space.shape))
+    first = [env.unwrapped.step(a)[:2] for a in actions]
+    for target in (env, other):  # the same env, and another instance
+        D.set_snapshot(target, snap)
+        again = [target.unwrapped.step(a)[:2] for a in actions]
+        for (o1, r1), (o2, r2) in zip(first, again):
+            assert np.array_equal(o1, o2) and r1 == r2
+
+
+def test_truncation_after_restore(setup):
+    """Our step counter, not the TimeLimit wrapper's, ends the episode at max_episode_steps."""
+    args, envs, data, model = setup
+    T = envs[0].spec.max_episode_steps
+    ep = D.Episodes.start(D.reset_envs(envs[:2], [0, 1]), 3600.0, T, data, args.reward_scale)
+    snap = D.get_snapshot(envs[0])
+    D.set_snapshot(envs[1], snap)  # a restored env: its wrapper's counter knows nothing
+    ep.t[:] = T - 3
+    out = D.rollout(model, envs[:2], ep, 50, 0, data, args.reward_scale, torch.Generator())
+    assert out["env_steps"] == 6 and ep.t.tolist() == [T, T] and ep.done.all()
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def group_batch(setup):
+    args, envs, data, model = setup
+    torch.manual_seed(0)
+    return D.collect_groups(args, model, envs, data, 3600.0, torch.Generator().manual_seed(0),
+                            np.random.default_rng(0))
+
+
+def test_collect_groups_shapes_and_group_starts(group_batch, setup):
+    args, _, _, _ = setup
+    batch, stats = group_batch
+    N, G, L = args.reset_points, args.group_size, args.traj_len
+    assert batch.scores.shape == (N, G) and batch.logp_old.shape == (N * G, L) and batch.adv.shape == (N * G,)
+    t0 = batch.t0.view(N, G)
+    assert (t0 == t0[:, :1]).all()  # a group shares its reset point
+    # a group shares its DT context at the reset point (up to a_t0, which each member samples;
+    # padded slots are masked and may hold anything)
+    ctx = batch.ep.context(args.context_len, torch.arange(N * G), batch.t0)
+    m = ctx.mask
+    for v in (ctx.states * m[..., None], ctx.rtg * m[..., None], ctx.timesteps * m, (ctx.actions * m[..., None])[:, :-1]):
+        v = v.view(N, G, *v.shape[1:])
+        assert (v == v[:, :1]).all()
+    a0 = ctx.actions[:, -1].view(N, G, -1)
+    assert not (a0 == a0[:, :1]).all()
+    assert batch.valid[:, 0].all() and stats["env_steps"] > 0
+
+
+@pytest.mark.parametrize("mode", ["joint", "mean", "token"])
+def test_ratio_is_one_before_any_update(group_batch, setup, mode):
+    _, _, _, model = setup
+    batch, _ = group_batch
+    rows = torch.arange(len(batch.adv))
+    with torch.no_grad():
+        logp, _ = D.batch_log_probs(model, batch, rows)
+        lr = D.log_ratios(logp, batch.logp_old, batch.valid.float(), mode)
+    assert lr.abs().max() < 1e-5
+
+
+def test_hindsight_relabel_changes_rtg_only_and_breaks_ratios(group_batch, setup):
+    args, _, _, model = setup
+    batch, _ = group_batch
+    ep = D.hindsight_relabel(batch.ep, args.reward_scale)
+    for field in ("states", "actions", "rewards", "t", "done"):
+        assert torch.equal(getattr(ep, field), getattr(batch.ep, field))
+    assert not torch.equal(ep.rtg, batch.ep.rtg)
+    relabeled = D.GroupBatch(ep, batch.t0, batch.logp_old, batch.valid, batch.scores, batch.adv)
+    with torch.no_grad():
+        logp, _ = D.batch_log_probs(model, relabeled, torch.arange(len(batch.adv)))
+    assert D.log_ratios(logp, batch.logp_old, batch.valid.float(), "joint").abs().max() > 1e-3
+
+
+def test_grpo_update_follows_the_advantages(group_batch, setup):
+    """One update raises log π of actions with positive advantage and lowers it for negative ones."""
+    args, _, _, model = setup
+    batch, _ = group_batch
+    B = len(batch.adv)
+    adv = torch.tensor([1.0, -1.0]).repeat(B // 2 + 1)[:B]
+    batch = D.GroupBatch(batch.ep, batch.t0, batch.logp_old, batch.valid, batch.scores, adv)
+    torch.manual_seed(0)
+    model = D.make_model(args, 11, 3, 1000)
+    model.load_state_dict(setup[3].state_dict())
+    upd_args = D.Args(**{**TINY, "minibatch_size": B, "ent_coef": 0.0, "epochs": 1})
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    D.grpo_update(upd_args, model, opt, batch, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp, _ = D.batch_log_probs(model, batch, torch.arange(B))
+    change = ((logp - batch.logp_old) * batch.valid).sum(1)
+    assert change[adv > 0].mean() > 0 > change[adv < 0].mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: local dataset round-trip through Minari
+# ---------------------------------------------------------------------------------------------
+def test_local_dataset_roundtrip(minari_dir):
+    import minari
+
+    D.build_random_dataset("local/roundtrip-test-v0", "Hopper-v4", 300, seed=7)
+    ds = minari.load_dataset("local/roundtrip-test-v0")
+    episodes = list(ds.iterate_episodes())
+    assert ds.total_steps == sum(len(e.rewards) for e in episodes) >= 300
+    first_obs, _ = D.make_env("Hopper-v4").reset(seed=7)
+    np.testing.assert_array_equal(episodes[0].observations[0], first_obs)
+    assert episodes[0].observations.shape[1:] == (11,) and episodes[0].actions.shape[1:] == (3,)
+    assert all(e.terminations[-1] or e.truncations[-1] for e in episodes)
+    assert ds.spec.env_spec.id == "Hopper-v4"
+    minari.delete_dataset("local/roundtrip-test-v0")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI: end to end, offline fallback, bad input
+# ---------------------------------------------------------------------------------------------
+def test_cli_end_to_end_with_offline_fallback(tmp_path):
+    """Empty Minari cache and no hub: the default dataset falls back, loudly, to a local random
+    one; pretraining, GRPO and evaluation run; outputs are written."""
+    env = {"MINARI_DATASETS_PATH": str(tmp_path / "minari")}
+    r = cli("--env", "Hopper-v4", "--online-steps", "300", "--eval-every", "100", "--run-dir",
+            str(tmp_path / "run"), *TINY_FLAGS, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FALLING BACK" in r.stderr and "local/hopper-random-v0" in r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["env"] == "Hopper-v4" and summary["dataset"] == "local/hopper-random-v0"
+    assert summary["online_env_steps"] >= 300 and math.isfinite(summary["final_score"])
+    for key in ("pretrained_score", "final_score", "wall_time_s"):
+        assert isinstance(summary[key], float)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    phases = {row.split(",")[0] for row in rows[1:]}
+    assert phases == {"pretrain", "eval", "grpo"}
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert {"model", "state_mean", "state_std", "args"} <= set(ckpt)
+
+    # A second run reuses the local dataset; with no finetuning the two scores are equal.
+    r = cli("--env", "Hopper-v4", "--online-steps", "0", "--run-dir", str(tmp_path / "run0"), *TINY_FLAGS, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "building" not in r.stderr
+    summary = json.loads((tmp_path / "run0" / "summary.json").read_text())
+    assert summary["final_score"] == summary["pretrained_score"] and summary["online_env_steps"] == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env", "NoSuchEnv-v0"], "unknown environment"),
+    (["--env", "CartPole-v1"], "Discrete action space"),
+    (["--env", "Walker2d-v4", "--dataset", "local/hopper-random-v0"], "does not fit"),
+    (["--dataset", "mujoco/hopper/nosuch-v0"], "cannot be reached"),
+    (["--pretrain-steps", "-1"], "--pretrain-steps must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--context-len", "0"], "--context-len must be > 0"),
+    (["--online-steps", "-5"], "--online-steps must be >= 0"),
+    (["--clip-eps", "1.5"], "--clip-eps must be in (0, 1)"),
+])
+def test_bad_input_is_one_clear_line(minari_dir, tmp_path, flags, message):
+    r = cli(*flags, "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
