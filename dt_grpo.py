@@ -28,6 +28,7 @@ Tensor shape notation used throughout:
     G group size (rollouts per reset point)       N reset points per GRPO iteration
     L sub-trajectory length (sampled actions)     T episode length / max episode steps
     S state dim                                   A action dim
+    D steps in the offline dataset                V valid (sampled, not yet ended) rollout steps
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from minari.data_collector import EpisodeBuffer
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 # =============================================================================================
@@ -80,9 +81,10 @@ class Args:
     run_dir: Optional[str] = None
     """Where metrics, checkpoint and summary go. Default: `runs/<env>__seed<seed>__<time>`."""
 
-    # --- model (ODT-size: --embed-dim 512 --n-layer 4 --n-head 4) -----------------------------
-    context_len: int = 20
-    """K: timesteps per context window (the DT sees 3K tokens)."""
+    # --- model (ODT-size: --embed-dim 512 --n-layer 4 --n-head 4 --context-len 20) -----------
+    context_len: int = 10
+    """K: timesteps per context window (the DT sees 3K tokens). DT/ODT use 20 on MuJoCo; 10
+    halves the cost of every forward pass, which bounds rollout speed on a CPU [ours]."""
     embed_dim: int = 128
     """Width of the transformer."""
     n_layer: int = 3
@@ -126,7 +128,7 @@ class Args:
     """Clip range of the importance ratio."""
     ent_coef: float = 1e-3
     """Entropy bonus coefficient (lambda)."""
-    epochs: int = 4
+    epochs: int = 2
     """Passes over each iteration's rollouts."""
     minibatch_size: int = 16
     """Rollouts per GRPO minibatch (each brings its L context windows)."""
@@ -201,6 +203,10 @@ def check_args(args: Args) -> None:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if not 0 < args.clip_eps < 1:
         raise UserError(f"--clip-eps must be in (0, 1), got {args.clip_eps}")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {args.device!r} is not usable here ({str(e).splitlines()[0]})") from None
     if args.embed_dim % args.n_head:
         raise UserError(f"--n-head {args.n_head} must divide --embed-dim {args.embed_dim}")
 
@@ -255,15 +261,18 @@ class Context:
     timesteps: torch.Tensor  # (B, K) absolute episode step (long)
     mask: torch.Tensor  # (B, K) bool, False on left padding
 
+    def to(self, device: torch.device) -> "Context":
+        return Context(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
 
 @dataclass
 class Dataset:
     """All dataset steps flat, with each step's episode start, ready for window sampling."""
 
-    states: torch.Tensor  # (N, S) normalised
-    actions: torch.Tensor  # (N, A)
-    rtg: torch.Tensor  # (N,) scaled returns-to-go
-    ep_start: torch.Tensor  # (N,) flat index of the first step of the step's episode
+    states: torch.Tensor  # (D, S) normalised
+    actions: torch.Tensor  # (D, A)
+    rtg: torch.Tensor  # (D,) scaled returns-to-go
+    ep_start: torch.Tensor  # (D,) flat index of the first step of the step's episode
     state_mean: torch.Tensor  # (S,)
     state_std: torch.Tensor  # (S,)
     episode_returns: np.ndarray  # (episodes,)
@@ -369,13 +378,14 @@ def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
     if recorded_on != args.env:
         log(f"dataset {dataset_id} was recorded on {recorded_on} and we finetune on {args.env}; "
             "their observation and action spaces match")
-    states, actions, rtg, ep_start, ep_returns = [], [], [], [], []
+    states, actions, rtg, ep_start, ep_returns, n = [], [], [], [], [], 0
     for ep in ds.iterate_episodes():
-        T = len(ep.rewards)
+        T = len(ep.rewards)  # observations hold T+1 (the last one follows the last action)
         states.append(ep.observations[:T]), actions.append(ep.actions)
         rtg.append(returns_to_go(ep.rewards.astype(np.float64)))
-        ep_start.append(np.full(T, sum(map(len, rtg[:-1]))))
+        ep_start.append(np.full(T, n))
         ep_returns.append(ep.rewards.sum())
+        n += T
     states = np.concatenate(states).astype(np.float32)
     mean, std = states.mean(0), states.std(0) + 1e-6
     data = Dataset(
@@ -475,6 +485,7 @@ class DecisionTransformer(nn.Module):
 
     def forward(self, ctx: Context) -> TanhNormal:
         """Context of B windows -> the policy at every step of every window, (B, K, A)."""
+        ctx = ctx.to(self.head.weight.device)  # rollout buffers live on the CPU, next to the simulator
         B, K = ctx.timesteps.shape
         t_emb = self.embed_t(ctx.timesteps)  # (B, K, E)
         tokens = torch.stack([self.embed_rtg(ctx.rtg) + t_emb, self.embed_state(ctx.states) + t_emb,
@@ -523,8 +534,7 @@ def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Me
     model.train()
     bar = tqdm(range(args.pretrain_steps), desc="pretrain", unit="upd")
     for step in bar:
-        ctx = data.sample(args.batch_size, args.context_len, gen)
-        ctx = Context(*(z.to(args.device) for z in dataclasses.astuple(ctx)))
+        ctx = data.sample(args.batch_size, args.context_len, gen).to(args.device)
         loss, temp_loss, entropy = odt_loss(model, ctx, log_temp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -624,8 +634,8 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
     envs[b] plays episode b. The first n_sampled actions are sampled from the policy (their
     log-probs are recorded: log π_old), the rest are mean actions. The episode step counter
     is ours, not the TimeLimit wrapper's (which a snapshot restore cannot rewind), and episodes
-    are truncated at T = max_episode_steps (ALGORITHM.md §2.3). If `snapshots` is a list, the
-    simulator state of envs[0] before each of its steps is appended to it.
+    are truncated at T = max_episode_steps (ALGORITHM.md §2.3). If `snapshots` is a list (for
+    a single episode, B = 1), the simulator state before each step is appended to it.
 
     Returns logp (B, n_sampled), valid (B, n_sampled) bool, uncertainty (B, n_steps) = mean
     predicted log-std (nan where no step), env_steps (int).
@@ -640,20 +650,22 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
         if len(rows) == 0:
             break
         dist = model(ep.context(model.K, rows))
-        dist = TanhNormal(dist.mean[:, -1], dist.log_std[:, -1])  # (B', A): policy at the current step
+        dist = TanhNormal(dist.mean[:, -1].cpu(), dist.log_std[:, -1].cpu())  # (B', A): policy at the current step
         a = dist.sample(gen) if j < n_sampled else dist.mode
         if j < n_sampled:
             logp[rows, j], valid[rows, j] = dist.log_prob(a), True
         uncertainty[rows, j] = dist.log_std.mean(-1)
-        for i, b in enumerate(rows.tolist()):
-            if snapshots is not None and b == 0:
-                snapshots.append(get_snapshot(envs[0]))
-            obs, r, terminated, _, _ = envs[b].unwrapped.step(a[i].numpy())
-            t = int(ep.t[b])
-            ep.actions[b, t], ep.rewards[b, t] = a[i], r
-            ep.states[b, t + 1], ep.rtg[b, t + 1] = normalise(obs, data), ep.rtg[b, t] - r * reward_scale
-            ep.t[b] = t + 1
-            ep.done[b] = terminated or t + 1 >= T
+        if snapshots is not None:
+            snapshots.append(get_snapshot(envs[0]))
+        out = [envs[b].unwrapped.step(a_b) for b, a_b in zip(rows.tolist(), a.numpy())]
+        obs = np.stack([o[0] for o in out])  # (B', S)
+        r = torch.tensor([o[1] for o in out], dtype=torch.float32)  # (B',)
+        terminated = torch.tensor([o[2] for o in out])  # (B',)
+        t = ep.t[rows]
+        ep.actions[rows, t], ep.rewards[rows, t] = a, r
+        ep.states[rows, t + 1], ep.rtg[rows, t + 1] = normalise(obs, data), ep.rtg[rows, t] - r * reward_scale
+        ep.t[rows] = t + 1
+        ep.done[rows] = terminated | (t + 1 >= T)
         env_steps += len(rows)
     return dict(logp=logp, valid=valid, uncertainty=uncertainty, env_steps=env_steps)
 
@@ -795,8 +807,8 @@ def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.T
     ctx, actions, (i, j) = batch.windows(rows, model.K)
     dist = model(ctx)
     dist = TanhNormal(dist.mean[:, -1], dist.log_std[:, -1])  # (V, A): the policy at each window's last step
-    logp = torch.zeros(len(rows), batch.logp_old.shape[1]).index_put((i, j), dist.log_prob(actions))
-    return logp, dist.rsample_entropy().mean()
+    logp = torch.zeros(len(rows), batch.logp_old.shape[1]).index_put((i, j), dist.log_prob(actions.to(dist.mean.device)).cpu())
+    return logp, dist.rsample_entropy().mean().cpu()
 
 
 def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer, batch: GroupBatch,

@@ -353,3 +353,19 @@ def test_bad_input_is_one_clear_line(minari_dir, tmp_path, flags, message):
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The walkthrough notebook
+# ---------------------------------------------------------------------------------------------
+def test_walkthrough_notebook_executes(tmp_path, monkeypatch):
+    """walkthrough.ipynb runs top to bottom (its own fallback dataset, no network)."""
+    import nbclient
+    import nbformat
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = nbformat.read(HERE / "walkthrough.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(HERE)}}).execute()
+    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
