@@ -132,7 +132,7 @@ class Args:
     """Passes over each iteration's rollouts."""
     minibatch_size: int = 16
     """Rollouts per GRPO minibatch (each brings its L context windows)."""
-    online_lr: float = 1e-5
+    online_lr: float = 1e-4
     """Learning rate of GRPO updates (AdamW)."""
     ratio: Literal["joint", "mean", "token"] = "joint"
     """Importance ratio: `joint` = one ratio per sub-trajectory, sum of the L action log-ratios
@@ -187,7 +187,7 @@ def env_family(env_id: str) -> str:
 
 def check_args(args: Args) -> None:
     """Reject nonsense numbers before any work is done."""
-    for name in ("pretrain_steps", "online_steps", "random_dataset_steps"):
+    for name in ("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "eval_len"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "group_size",
@@ -197,8 +197,9 @@ def check_args(args: Args) -> None:
     for name in ("lr", "online_lr", "reward_scale", "init_temperature", "active_temperature", "grad_clip"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.eval_len < 0:
-        raise UserError(f"--eval-len must be >= 0, got {args.eval_len}")
+    for name in ("target_return", "online_target_return"):
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if not 0 < args.clip_eps < 1:
@@ -233,9 +234,9 @@ def make_env(env_id: str) -> gym.Env:
 # =============================================================================================
 # Data: Minari dataset (or a locally built random one), returns-to-go, K-step windows
 # =============================================================================================
-def returns_to_go(rewards: np.ndarray) -> np.ndarray:
-    """Undiscounted R̂_t = sum_{u >= t} r_u, for one episode. (T,) -> (T,)"""
-    return np.cumsum(rewards[::-1])[::-1].copy()
+def returns_to_go(rewards: torch.Tensor) -> torch.Tensor:
+    """Undiscounted R̂_t = sum_{u >= t} r_u along the last dim. (..., T) -> (..., T)"""
+    return torch.flip(torch.cumsum(torch.flip(rewards, [-1]), -1), [-1])
 
 
 def window_indices(end: torch.Tensor, start: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,7 +383,7 @@ def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
     for ep in ds.iterate_episodes():
         T = len(ep.rewards)  # observations hold T+1 (the last one follows the last action)
         states.append(ep.observations[:T]), actions.append(ep.actions)
-        rtg.append(returns_to_go(ep.rewards.astype(np.float64)))
+        rtg.append(returns_to_go(torch.as_tensor(ep.rewards, dtype=torch.float64)).numpy())
         ep_start.append(np.full(T, n))
         ep_returns.append(ep.rewards.sum())
         n += T
@@ -529,7 +530,7 @@ def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Me
     policy, Adam for the log-temperature."""
     log_temp = torch.tensor(math.log(args.init_temperature), requires_grad=True, device=args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
     temp_opt = torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))
     model.train()
     bar = tqdm(range(args.pretrain_steps), desc="pretrain", unit="upd")
@@ -767,8 +768,7 @@ def hindsight_relabel(ep: Episodes, reward_scale: float) -> Episodes:
 
     The actions were sampled under the *original* tokens, so π_old(a | relabelled context) is not
     the distribution a came from and the importance ratios are wrong [paper]."""
-    achieved = torch.flip(torch.cumsum(torch.flip(ep.rewards, [1]), 1), [1]) * reward_scale  # (B, T+1)
-    return dataclasses.replace(ep, rtg=achieved)
+    return dataclasses.replace(ep, rtg=returns_to_go(ep.rewards) * reward_scale)
 
 
 def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float,
@@ -862,7 +862,8 @@ class Metrics:
     """Append-only CSV with a fixed header: one row per logged event, blanks where n/a."""
 
     FIELDS = ["phase", "step", "env_steps", "wall_time_s", "loss", "temperature", "entropy", "return",
-              "norm_score", "traj_return", "group_score", "adv_std", "abs_log_ratio", "clip_frac", "approx_kl"]
+              "norm_score", "traj_return", "group_score", "adv_std", "abs_log_ratio", "clip_frac", "approx_kl",
+              "rollout_s", "update_s"]
 
     def __init__(self, path: Path):
         self.path, self.t_start = path, time.time()
@@ -892,8 +893,11 @@ def finetune(args: Args, model: DecisionTransformer, envs: list, data: Dataset, 
     env_steps, it, next_eval, score = 0, 0, args.eval_every, float("nan")
     bar = tqdm(total=args.online_steps, desc="GRPO", unit="step")
     while env_steps < args.online_steps:
+        t0 = time.time()
         batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng)
+        t1 = time.time()
         stats.update(grpo_update(args, model, opt, batch, gen))
+        stats.update(rollout_s=t1 - t0, update_s=time.time() - t1)
         env_steps, it = env_steps + stats.pop("env_steps"), it + 1
         metrics.write(phase="grpo", step=it, env_steps=env_steps, **stats)
         if env_steps >= next_eval or env_steps >= args.online_steps:
@@ -916,14 +920,13 @@ def run(args: Args) -> dict:
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     env = make_env(args.env)
     target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
+    t0 = time.time()
+    data, dataset_id = load_data(args, env)
+    times = dict(data_time_s=time.time() - t0)
     run_dir = Path(args.run_dir or f"runs/{args.env}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"run directory: {run_dir}")
-    metrics, ckpt, times = Metrics(run_dir / "metrics.csv"), run_dir / "checkpoint.pt", {}
-
-    t0 = time.time()
-    data, dataset_id = load_data(args, env)
-    times["data_time_s"] = time.time() - t0
+    metrics, ckpt = Metrics(run_dir / "metrics.csv"), run_dir / "checkpoint.pt"
     model = make_model(args, data.states.shape[1], data.actions.shape[1], env.spec.max_episode_steps)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     envs = [make_env(args.env) for _ in range(max(args.eval_episodes, args.reset_points * args.group_size))]

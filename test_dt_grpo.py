@@ -5,11 +5,15 @@ dataset is built locally under a temporary MINARI_DATASETS_PATH.
     python -m pytest -q
 """
 
+import ast
+import dataclasses
+import inspect
 import json
 import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +63,8 @@ def cli(*flags, env=None, cwd=None):
 # Pure functions against hand-computed values
 # ---------------------------------------------------------------------------------------------
 def test_returns_to_go_hand_example():
-    np.testing.assert_allclose(D.returns_to_go(np.array([1.0, 2.0, 3.0, -1.0])), [5.0, 4.0, 2.0, -1.0])
+    rtg = D.returns_to_go(torch.tensor([[1.0, 2.0, 3.0, -1.0], [0.0, 0.0, 1.0, 0.0]]))
+    assert rtg.tolist() == [[5.0, 4.0, 2.0, -1.0], [1.0, 1.0, 1.0, 0.0]]
 
 
 def test_window_indices_left_pad():
@@ -334,6 +339,21 @@ def test_cli_end_to_end_with_offline_fallback(tmp_path):
     assert "building" not in r.stderr
     summary = json.loads((tmp_path / "run0" / "summary.json").read_text())
     assert summary["final_score"] == summary["pretrained_score"] and summary["online_env_steps"] == 0
+
+
+def test_help_documents_every_flag():
+    """Every Args field has a docstring (tyro's help text) and appears in --help."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(D.Args))).body[0].body
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign):
+            assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), node.target.id
+    r = cli("--help")
+    assert r.returncode == 0
+    for field in dataclasses.fields(D.Args):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            flag = f"--no-{field.name.replace('_', '-')}" if field.default else flag
+        assert flag in r.stdout, flag
 
 
 @pytest.mark.parametrize("flags, message", [
