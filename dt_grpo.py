@@ -554,6 +554,9 @@ def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Me
 # =============================================================================================
 # Rollouts and resets: B episodes advanced together, exact MuJoCo snapshots
 # =============================================================================================
+# GRPO starts G rollouts from the same point of a trajectory, so two things must be restored
+# exactly: the simulator (snapshots) and the DT's context (rows of `Episodes`). All rollouts
+# advance in lock-step, so that a step of B episodes costs one batched forward pass.
 STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: qpos, qvel, act, warm-start, time...
 
 
@@ -679,6 +682,16 @@ def reset_envs(envs: list, seeds: list[int]) -> np.ndarray:
 # =============================================================================================
 # GRPO: reset points, groups, advantages, sequence-level ratios, clipped surrogate
 # =============================================================================================
+# One iteration [paper], letters as in the functions below:
+#   (a) roll out the current policy from env.reset, conditioned on the online target return,
+#       keeping a simulator snapshot and the policy's uncertainty at every step;
+#   (b) choose N reset points along it, favouring uncertain steps (active sampling);
+#   (c) from each, G rollouts from the same snapshot and DT context: L sampled actions, then
+#       L_eval mean actions that score them; R_i = the rewards summed (no critic, no discount);
+#   (d) Â_i = (R_i - group mean) / group std;
+#   (e) clipped surrogate with one importance ratio per sub-trajectory, plus an entropy bonus;
+#   (f) train on the RTG tokens that were fed during the rollout: with hindsight relabeling the
+#       ratio's denominator would not be the distribution that sampled the action.
 def reset_point_probs(uncertainty: torch.Tensor, active: bool, temperature: float) -> torch.Tensor:
     """Probability of each trajectory step as a reset point. (T,) -> (T,)
 
