@@ -613,17 +613,19 @@ class Episodes:
         t = self.t[rows] if t is None else t
         Tp1 = self.states.shape[1]
         idx, mask = window_indices(rows * Tp1 + t, rows * Tp1, K)  # flat row indices (len(rows), K)
-        flat = lambda z: z.reshape(-1, *z.shape[2:])[idx]  # noqa: E731
-        return Context(flat(self.rtg)[..., None], flat(self.states), flat(self.actions), idx - (rows * Tp1)[:, None], mask)
+        def gather(z: torch.Tensor) -> torch.Tensor:  # (B, T+1, ...) -> (len(rows), K, ...)
+            return z.reshape(-1, *z.shape[2:])[idx]
+
+        return Context(gather(self.rtg)[..., None], gather(self.states), gather(self.actions),
+                       idx - (rows * Tp1)[:, None], mask)
 
     def branch(self, b: int, t0: torch.Tensor) -> "Episodes":
-        """len(t0) copies of episode b, cut back to steps t0 (the reset points): prefix kept, rest zeroed."""
-        keep = torch.arange(self.states.shape[1])[None, :] <= t0[:, None]  # (B', T+1)
-        cut = lambda z: z[b].expand(len(t0), *z.shape[1:]) * keep.view(*keep.shape, *[1] * (z.dim() - 2))  # noqa: E731
-        before = torch.arange(self.states.shape[1])[None, :] < t0[:, None]  # actions/rewards exist before t0 only
-        return Episodes(cut(self.states), self.actions[b].expand(len(t0), -1, -1) * before[..., None],
-                        self.rewards[b].expand(len(t0), -1) * before, cut(self.rtg), t0.clone(),
-                        torch.zeros(len(t0), dtype=torch.bool))
+        """len(t0) copies of episode b, cut back to the reset steps t0: the state and RTG are
+        known up to t0, the action and reward up to t0 - 1; everything later is zeroed."""
+        steps = torch.arange(self.states.shape[1])[None, :]  # (1, T+1)
+        known, taken = (steps <= t0[:, None]).float(), (steps < t0[:, None]).float()  # (B', T+1)
+        return Episodes(self.states[b] * known[..., None], self.actions[b] * taken[..., None], self.rewards[b] * taken,
+                        self.rtg[b] * known, t0.clone(), torch.zeros(len(t0), dtype=torch.bool))
 
 
 def normalise(obs: np.ndarray, data: Dataset) -> torch.Tensor:
