@@ -9,7 +9,7 @@ It follows
     arXiv 2601.00167 (2026): the method this file implements;
   * Chen et al., "Decision Transformer", arXiv 2106.01345 (2021): the model;
   * Zheng et al., "Online Decision Transformer", arXiv 2202.05607 (2022): the stochastic
-    policy and the offline pretraining objective;
+    policy, the offline pretraining objective, and the baseline `--algo odt`;
   * Shao et al., "DeepSeekMath" (GRPO), arXiv 2402.03300 (2024): group-relative advantages;
   * Zheng et al., "Group Sequence Policy Optimization", arXiv 2507.18071 (2025): the
     length-normalised sequence ratio offered as `--ratio mean`.
@@ -21,6 +21,8 @@ this project's choices (see ALGORITHM.md in the project's shared notes).
 Run:
     python dt_grpo.py --env Hopper-v4              # pretrain, finetune with GRPO, evaluate
     python dt_grpo.py --env Hopper-v4 --online-steps 0   # pretrain and evaluate only
+    python dt_grpo.py --resume runs/<run>          # continue an interrupted run
+    python dt_grpo.py --env Hopper-v4 --algo odt   # the ODT baseline instead of GRPO
     python dt_grpo.py --help                       # every flag
 
 Tensor shape notation used throughout:
@@ -38,6 +40,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
 import socket
 import sys
 import time
@@ -79,7 +83,16 @@ class Args:
     device: str = "cpu"
     """Torch device."""
     run_dir: Optional[str] = None
-    """Where metrics, checkpoint and summary go. Default: `runs/<env>__seed<seed>__<time>`."""
+    """Where metrics, checkpoints and summary go. Default: `runs/<env>__<algo>__seed<seed>__<time>`."""
+    resume: Optional[str] = None
+    """Continue the interrupted run in this directory from its `checkpoint.pt`, with that run's
+    own args (other flags must be left at their defaults or repeat the run's values)."""
+    init_checkpoint: Optional[str] = None
+    """Start from the weights of this checkpoint instead of pretraining (e.g. a run's
+    `pretrained.pt`; same env, dataset and model shape). With `--online-steps 0`: evaluate it only."""
+    checkpoint_interval: float = 60.0
+    """Seconds between periodic checkpoints, taken at the next update/iteration boundary
+    (0 = at every boundary). A kill loses at most this much work; Ctrl-C loses none."""
 
     # --- model (ODT-size: --embed-dim 512 --n-layer 4 --n-head 4 --context-len 20) -----------
     context_len: int = 10
@@ -112,7 +125,10 @@ class Args:
     reward_scale: float = 1e-3
     """Scale of returns-to-go tokens (ODT uses 1/1000 on MuJoCo)."""
 
-    # --- GRPO online finetuning -------------------------------------------------------------
+    # --- online finetuning --------------------------------------------------------------------
+    algo: Literal["grpo", "odt"] = "grpo"
+    """Online finetuning: `grpo` = pure RL gradients [paper]; `odt` = the Online Decision
+    Transformer baseline (hindsight relabeling + supervised updates, Zheng et al. 2022)."""
     online_steps: int = 500_000
     """Budget of environment steps for finetuning, counting every env.step (0 = no finetuning).
     An iteration that starts under the budget is finished, so the count may end a little over."""
@@ -145,7 +161,19 @@ class Args:
     """Ablation: train on achieved returns-to-go instead of those fed to the policy. The paper
     shows this breaks importance-sampling RL; off by default."""
     online_target_return: Optional[float] = None
-    """Return-to-go that conditions the online rollouts. Default: the env's target return."""
+    """Return-to-go that conditions the online rollouts (GRPO and ODT). Default: the env's target return."""
+    full_episodes: bool = False
+    """Ablation: each group is G whole episodes from one start state (N start states), all
+    actions sampled and scored by the episode return, instead of sub-trajectories from reset points."""
+
+    # --- ODT baseline (--algo odt) --------------------------------------------------------------
+    odt_episodes: int = 4
+    """Exploration episodes per ODT iteration, run together (ODT: 1) [ours]."""
+    odt_updates: int = 20
+    """Supervised updates of --batch-size windows per ODT iteration (ODT: 300 of 256 windows;
+    scaled down to this model and a 2-core CPU) [ours]."""
+    odt_buffer: int = 1000
+    """Replay buffer size in trajectories, first filled with the best offline ones (ODT's value)."""
 
     # --- evaluation ---------------------------------------------------------------------------
     eval_episodes: int = 10
@@ -190,13 +218,18 @@ def check_args(args: Args) -> None:
     for name in ("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "eval_len"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "group_size",
-                 "reset_points", "traj_len", "epochs", "minibatch_size", "eval_episodes", "eval_every"):
+    for name in ("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "group_size", "reset_points",
+                 "traj_len", "epochs", "minibatch_size", "eval_episodes", "eval_every", "odt_episodes",
+                 "odt_updates", "odt_buffer"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("lr", "online_lr", "reward_scale", "init_temperature", "active_temperature", "grad_clip"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.checkpoint_interval >= 0:
+        raise UserError(f"--checkpoint-interval must be >= 0 seconds, got {args.checkpoint_interval}")
+    if args.resume is not None and args.init_checkpoint is not None:
+        raise UserError("--resume continues a run; --init-checkpoint starts a new one: give only one")
     for name in ("target_return", "online_target_return"):
         if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
@@ -286,11 +319,14 @@ class Dataset:
         return Context(self.rtg[idx, None], self.states[idx], self.actions[idx], idx - self.ep_start[end, None], mask)
 
 
-def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int) -> None:
+def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int = 0) -> None:
     """Write a Minari dataset of a uniform-random policy (the paper's "low-quality data" case).
 
     `EpisodeBuffer` is filled directly with whole arrays: its `add_step_data` and
-    `minari.DataCollector` need jax, which we do not install.
+    `minari.DataCollector` need jax, which we do not install. The dataset is written under a
+    temporary root and moved into place at the end, so a build killed half-way leaves nothing
+    that looks like a dataset. The seed is fixed, not the run's: every run that builds the
+    dataset gets the same one [ours].
     """
     env = make_env(env_id)
     env.action_space.seed(seed)
@@ -310,12 +346,24 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int) 
                                          truncations=np.array(trunc), infos={}))
             steps, ep = steps + len(r), ep + 1
             bar.update(len(r))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Minari asks for author / permalink metadata
-        minari.create_dataset_from_buffers(
-            dataset_id=dataset_id, buffer=buffers, env=env_id, algorithm_name="uniform-random",
-            author="dt-grpo", author_email="none", code_permalink="dt_grpo.py", data_format="hdf5",
-            description=f"{steps} steps of a uniform-random policy on {env_id}, built by dt_grpo.py")
+    final = minari.storage.get_dataset_path(dataset_id)
+    root = minari.storage.get_dataset_path()
+    tmp_root = root / f".building-{os.getpid()}"
+    old_root = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)  # Minari reads its root from here on every call
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Minari asks for author / permalink metadata
+            minari.create_dataset_from_buffers(
+                dataset_id=dataset_id, buffer=buffers, env=env_id, algorithm_name="uniform-random",
+                author="dt-grpo", author_email="none", code_permalink="dt_grpo.py", data_format="hdf5",
+                description=f"{steps} steps of a uniform-random policy on {env_id}, built by dt_grpo.py")
+        shutil.rmtree(final, ignore_errors=True)  # a partial or corrupt earlier copy
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_root / dataset_id, final)
+    finally:
+        os.environ.pop("MINARI_DATASETS_PATH") if old_root is None else os.environ.update(MINARI_DATASETS_PATH=old_root)
+        shutil.rmtree(tmp_root, ignore_errors=True)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -340,9 +388,8 @@ def load_minari(args: Args) -> tuple[minari.MinariDataset, str]:
         return minari.load_dataset(dataset_id), dataset_id
     except FileNotFoundError:
         pass
-    except Exception as e:  # a cached but broken dataset, e.g. a build killed half-way
-        raise UserError(f"cached dataset {dataset_id!r} cannot be read ({e}); delete it with "
-                        f"`minari delete {dataset_id}`") from None
+    except Exception as e:  # a cached but broken dataset
+        return unreadable_dataset(args, dataset_id, e), dataset_id
     if not dataset_id.startswith("local/"):
         if hub_reachable():
             try:
@@ -361,11 +408,28 @@ def load_minari(args: Args) -> tuple[minari.MinariDataset, str]:
             return minari.load_dataset(dataset_id), dataset_id
         except FileNotFoundError:
             pass
+        except Exception as e:
+            return unreadable_dataset(args, dataset_id, e), dataset_id
+    return build_local(args, dataset_id), dataset_id
+
+
+def build_local(args: Args, dataset_id: str) -> minari.MinariDataset:
     if args.random_dataset_steps <= 0:
         raise UserError(f"--random-dataset-steps must be > 0 to build {dataset_id}")
     log(f"building {dataset_id}: {args.random_dataset_steps} uniform-random steps on {args.env}")
-    build_random_dataset(dataset_id, args.env, args.random_dataset_steps, args.seed)
-    return minari.load_dataset(dataset_id), dataset_id
+    build_random_dataset(dataset_id, args.env, args.random_dataset_steps)
+    return minari.load_dataset(dataset_id)
+
+
+def unreadable_dataset(args: Args, dataset_id: str, error: Exception) -> minari.MinariDataset:
+    """A cached dataset that cannot be read (a partial copy, a truncated file): a local/ one is
+    rebuilt, loudly; a downloaded one is the user's to delete (it cannot be rebuilt here)."""
+    if not dataset_id.startswith("local/"):
+        raise UserError(f"cached dataset {dataset_id!r} cannot be read ({error}); delete it with "
+                        f"`minari delete {dataset_id}` and run again to download it") from None
+    warn_loudly(f"cached dataset {dataset_id!r} is partial or corrupt ({type(error).__name__}: {error}).\n"
+                f"[dt_grpo] REBUILDING it from scratch.")
+    return build_local(args, dataset_id)
 
 
 def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
@@ -379,8 +443,14 @@ def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
     if recorded_on != args.env:
         log(f"dataset {dataset_id} was recorded on {recorded_on} and we finetune on {args.env}; "
             "their observation and action spaces match")
+    try:  # a truncated file may open and fail only here
+        episodes = list(ds.iterate_episodes())
+        if len(episodes) != ds.total_episodes:
+            raise ValueError(f"{len(episodes)} of {ds.total_episodes} episodes readable")
+    except Exception as e:
+        episodes = list(unreadable_dataset(args, dataset_id, e).iterate_episodes())
     states, actions, rtg, ep_start, ep_returns, n = [], [], [], [], [], 0
-    for ep in ds.iterate_episodes():
+    for ep in episodes:
         T = len(ep.rewards)  # observations hold T+1 (the last one follows the last action)
         states.append(ep.observations[:T]), actions.append(ep.actions)
         rtg.append(returns_to_go(torch.as_tensor(ep.rewards, dtype=torch.float64)).numpy())
@@ -525,29 +595,55 @@ def odt_loss(model: DecisionTransformer, ctx: Context, log_temp: torch.Tensor) -
     return loss, temp_loss, entropy
 
 
-def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Metrics", gen: torch.Generator) -> None:
+class NonFiniteError(Exception):
+    """A non-finite loss, gradient or ratio: the update is not applied and the run stops."""
+
+
+def check_finite(where: str, **values: torch.Tensor) -> None:
+    for name, v in values.items():
+        if not torch.isfinite(v).all():
+            raise NonFiniteError(f"non-finite {name} at {where}; the update was not applied")
+
+
+def odt_update(model: DecisionTransformer, opt: torch.optim.Optimizer, log_temp: torch.Tensor,
+               temp_opt: torch.optim.Optimizer, ctx: Context, grad_clip: float, where: str) -> tuple[float, float]:
+    """One update of the ODT objective (pretraining, and the ODT baseline's online updates):
+    the policy by AdamW with gradient clipping, the log-temperature by Adam. Returns (loss, entropy)."""
+    loss, temp_loss, entropy = odt_loss(model, ctx, log_temp)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    check_finite(where, loss=loss, gradient=grad_norm, temperature_loss=temp_loss)
+    opt.step()
+    temp_opt.zero_grad(set_to_none=True)
+    temp_loss.backward()
+    temp_opt.step()
+    return loss.item(), entropy.item()
+
+
+def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Metrics", gen: torch.Generator,
+             log_temp: torch.Tensor, ckpt: Optional["Checkpointer"] = None, state: Optional[dict] = None) -> None:
     """Offline pretraining as in ODT: AdamW with linear warm-up and gradient clipping for the
-    policy, Adam for the log-temperature."""
-    log_temp = torch.tensor(math.log(args.init_temperature), requires_grad=True, device=args.device)
+    policy, Adam for the log-temperature `log_temp` (a scalar leaf tensor, updated in place).
+    With `ckpt`, checkpoints as it goes; `state` is a checkpoint to continue from."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
     temp_opt = torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["opt"]), temp_opt.load_state_dict(state["temp_opt"])
+        start = state["step"]
     model.train()
-    bar = tqdm(range(args.pretrain_steps), desc="pretrain", unit="upd")
+    bar = tqdm(range(start, args.pretrain_steps), initial=start, total=args.pretrain_steps, desc="pretrain", unit="upd")
     for step in bar:
+        for group in opt.param_groups:  # linear warm-up
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
         ctx = data.sample(args.batch_size, args.context_len, gen).to(args.device)
-        loss, temp_loss, entropy = odt_loss(model, ctx, log_temp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step(), sched.step()
-        temp_opt.zero_grad(set_to_none=True)
-        temp_loss.backward()
-        temp_opt.step()
+        loss, entropy = odt_update(model, opt, log_temp, temp_opt, ctx, args.grad_clip, f"pretraining update {step + 1}")
         if step % 50 == 0 or step == args.pretrain_steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}", T=f"{log_temp.exp().item():.3f}")
-            metrics.write(phase="pretrain", step=step + 1, loss=loss.item(), temperature=log_temp.exp().item(),
-                          entropy=entropy.item())
+            bar.set_postfix(loss=f"{loss:.3f}", T=f"{log_temp.exp().item():.3f}")
+            metrics.write(phase="pretrain", step=step + 1, loss=loss, temperature=log_temp.exp().item(), entropy=entropy)
+        if ckpt is not None:
+            ckpt.maybe_save("pretrain", step=step + 1, opt=opt.state_dict(), temp_opt=temp_opt.state_dict())
     model.eval()
 
 
@@ -763,7 +859,7 @@ class GroupBatch:
 
     ep: Episodes  # (B = N*G) rollout histories (whose rows the contexts are cut from)
     t0: torch.Tensor  # (B,) reset step of each rollout
-    logp_old: torch.Tensor  # (B, L) log π_old of the sampled actions, recorded while acting
+    logp_old: torch.Tensor  # (B, L) log π_old of the sampled actions, recorded while acting (L = T with --full-episodes)
     valid: torch.Tensor  # (B, L) bool, False after the episode ended
     scores: torch.Tensor  # (N, G) sum of rewards over the L + L_eval steps
     adv: torch.Tensor  # (B,) group advantages
@@ -790,28 +886,37 @@ def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dat
                    gen: torch.Generator, rng: np.random.Generator) -> tuple[GroupBatch, dict]:
     """Steps (a)-(d) of one GRPO iteration; returns the batch and rollout statistics."""
     N, G, L, T = args.reset_points, args.group_size, args.traj_len, envs[0].spec.max_episode_steps
-    # (a) one trajectory of the current (stochastic) policy, with a snapshot at every step.
-    snapshots: list = []
-    traj = Episodes.start(reset_envs(envs[:1], [int(rng.integers(2**31))]), target, T, data, args.reward_scale)
-    out = rollout(model, envs[:1], traj, T, T, data, args.reward_scale, gen, snapshots)
-    n = int(traj.t[0])
-    # (b) reset points: active sampling by the policy's uncertainty along the trajectory.
-    probs = reset_point_probs(out["uncertainty"][0, :n], args.active_sampling, args.active_temperature)
-    t0 = torch.multinomial(probs, N, replacement=n < N, generator=gen)  # (N,)
-    # (c) G rollouts from each reset point: same simulator state, same DT context.
-    t0 = t0.repeat_interleave(G)  # (N*G,)
-    ep = traj.branch(0, t0)
-    for env, t in zip(envs[: N * G], t0.tolist()):
-        set_snapshot(env, snapshots[t])
-    grp = rollout(model, envs[: N * G], ep, L + args.eval_len, L, data, args.reward_scale, gen)
-    steps = torch.arange(T + 1)[None, :]
-    scored = (steps >= t0[:, None]) & (steps < ep.t[:, None])  # steps taken by each rollout
-    scores = (ep.rewards * scored).sum(1).view(N, G)  # (N, G)
+    if args.full_episodes:  # ablation: G whole episodes from each of N start states, all actions sampled
+        seeds = [int(s) for s in rng.integers(2**31, size=N) for _ in range(G)]  # same seed = same start state
+        ep = Episodes.start(reset_envs(envs[: N * G], seeds), target, T, data, args.reward_scale)
+        t0 = torch.zeros(N * G, dtype=torch.long)
+        grp = rollout(model, envs[: N * G], ep, T, T, data, args.reward_scale, gen)
+        scores = ep.rewards.sum(1).view(N, G)
+        out = dict(env_steps=0)
+        traj_return = scores.mean().item()
+    else:
+        # (a) one trajectory of the current (stochastic) policy, with a snapshot at every step.
+        snapshots: list = []
+        traj = Episodes.start(reset_envs(envs[:1], [int(rng.integers(2**31))]), target, T, data, args.reward_scale)
+        out = rollout(model, envs[:1], traj, T, T, data, args.reward_scale, gen, snapshots)
+        n, traj_return = int(traj.t[0]), traj.rewards[0].sum().item()
+        # (b) reset points: active sampling by the policy's uncertainty along the trajectory.
+        probs = reset_point_probs(out["uncertainty"][0, :n], args.active_sampling, args.active_temperature)
+        t0 = torch.multinomial(probs, N, replacement=n < N, generator=gen)  # (N,)
+        # (c) G rollouts from each reset point: same simulator state, same DT context.
+        t0 = t0.repeat_interleave(G)  # (N*G,)
+        ep = traj.branch(0, t0)
+        for env, t in zip(envs[: N * G], t0.tolist()):
+            set_snapshot(env, snapshots[t])
+        grp = rollout(model, envs[: N * G], ep, L + args.eval_len, L, data, args.reward_scale, gen)
+        steps = torch.arange(T + 1)[None, :]
+        scored = (steps >= t0[:, None]) & (steps < ep.t[:, None])  # steps taken by each rollout
+        scores = (ep.rewards * scored).sum(1).view(N, G)  # (N, G)
     # (d) group-relative advantages.
     adv = group_advantages(scores).view(-1)
     if args.hindsight_relabel:
         ep = hindsight_relabel(ep, args.reward_scale)
-    stats = dict(env_steps=out["env_steps"] + grp["env_steps"], traj_return=traj.rewards[0].sum().item(),
+    stats = dict(env_steps=out["env_steps"] + grp["env_steps"], traj_return=traj_return,
                  group_score=scores.mean().item(), adv_std=scores.std(1, unbiased=False).mean().item())
     return GroupBatch(ep, t0, grp["logp"], grp["valid"], scores, adv), stats
 
@@ -827,7 +932,7 @@ def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.T
 
 
 def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer, batch: GroupBatch,
-                gen: torch.Generator) -> dict:
+                gen: torch.Generator, where: str = "GRPO update") -> dict:
     """(e) Several epochs of minibatch updates of the clipped surrogate with the chosen ratio,
     plus an entropy bonus [paper]. Dropout is off: π_θ must be the same function that acted.
     Rollouts of zero-spread groups have Â = 0 and are skipped (they add no gradient)."""
@@ -843,11 +948,71 @@ def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimiz
             loss = policy_loss - args.ent_coef * entropy
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            check_finite(where, importance_ratio=logp_new - batch.logp_old[rows], loss=loss, gradient=grad_norm)
             opt.step()
             for k, v in dict(stat, entropy=entropy.item()).items():
                 stats[k].append(v)
     return {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+
+
+# =============================================================================================
+# ODT baseline (--algo odt): hindsight relabeling and supervised updates, for comparison
+# =============================================================================================
+# Online Decision Transformer (Zheng et al. 2022), as the paper's main baseline. A replay buffer
+# of trajectories starts with the best offline ones; each iteration plays exploration episodes
+# conditioned on the online target return, relabels their RTG tokens with the returns actually
+# achieved (hindsight), replaces the oldest trajectories with them, and takes supervised steps of
+# the pretraining objective on windows from the buffer. No ratios, no advantages.
+def best_trajectories(data: Dataset, n: int) -> list[dict]:
+    """The n offline trajectories of highest return, as buffer entries: states (T, S),
+    actions (T, A), rtg (T,) scaled."""
+    starts = torch.unique_consecutive(data.ep_start)
+    ends = torch.cat([starts[1:], torch.tensor([len(data.rtg)])])
+    best = np.argsort(-data.episode_returns, kind="stable")[:n]
+    return [dict(states=data.states[starts[i]:ends[i]], actions=data.actions[starts[i]:ends[i]],
+                 rtg=data.rtg[starts[i]:ends[i]]) for i in best.tolist()]
+
+
+def buffer_dataset(buffer: list[dict], data: Dataset) -> Dataset:
+    """The buffer's trajectories as a flat Dataset, so that ODT samples windows exactly as
+    pretraining does (window ends uniform over steps: trajectories weighted by length, as in ODT)."""
+    lengths = torch.tensor([len(tr["rtg"]) for tr in buffer])
+    starts = torch.cumsum(lengths, 0) - lengths
+    return dataclasses.replace(
+        data, states=torch.cat([tr["states"] for tr in buffer]), actions=torch.cat([tr["actions"] for tr in buffer]),
+        rtg=torch.cat([tr["rtg"] for tr in buffer]), ep_start=torch.repeat_interleave(starts, lengths),
+        episode_returns=np.array([float(tr["rtg"][0]) for tr in buffer]))
+
+
+def odt_explore(args: Args, model: DecisionTransformer, envs: list, data: Dataset, buffer: list[dict], target: float,
+                gen: torch.Generator, rng: np.random.Generator) -> dict:
+    """args.odt_episodes stochastic episodes conditioned on `target`, relabelled in hindsight and
+    added to the buffer, whose oldest trajectories make room (FIFO, as ODT)."""
+    B, T = args.odt_episodes, envs[0].spec.max_episode_steps
+    ep = Episodes.start(reset_envs(envs[:B], [int(s) for s in rng.integers(2**31, size=B)]), target, T, data,
+                        args.reward_scale)
+    out = rollout(model, envs[:B], ep, T, T, data, args.reward_scale, gen)
+    relabelled = hindsight_relabel(ep, args.reward_scale)
+    for b, n in enumerate(ep.t.tolist()):
+        buffer.append(dict(states=ep.states[b, :n], actions=ep.actions[b, :n], rtg=relabelled.rtg[b, :n]))
+    del buffer[: max(0, len(buffer) - args.odt_buffer)]
+    return dict(env_steps=out["env_steps"], traj_return=ep.rewards.sum(1).mean().item())
+
+
+def odt_train(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer, log_temp: torch.Tensor,
+              temp_opt: torch.optim.Optimizer, buffer: list[dict], data: Dataset, gen: torch.Generator,
+              where: str = "ODT update") -> dict:
+    """args.odt_updates supervised updates on windows of the buffer (dropout on, as in pretraining)."""
+    replay = buffer_dataset(buffer, data)
+    model.train()
+    losses, entropies = [], []
+    for _ in range(args.odt_updates):
+        ctx = replay.sample(args.batch_size, args.context_len, gen).to(args.device)
+        loss, entropy = odt_update(model, opt, log_temp, temp_opt, ctx, args.grad_clip, where)
+        losses.append(loss), entropies.append(entropy)
+    model.eval()
+    return dict(loss=float(np.mean(losses)), entropy=float(np.mean(entropies)), temperature=log_temp.exp().item())
 
 
 # =============================================================================================
@@ -874,106 +1039,240 @@ def evaluate(args: Args, model: DecisionTransformer, envs: list, data: Dataset, 
 # Main: run directory, metrics, checkpoints, the whole pipeline
 # =============================================================================================
 class Metrics:
-    """Append-only CSV with a fixed header: one row per logged event, blanks where n/a."""
+    """Append-only CSV with a fixed header: one row per logged event, blanks where n/a. On resume
+    it keeps the first `keep_rows` rows (those the checkpoint had seen) and continues the clock."""
 
     FIELDS = ["phase", "step", "env_steps", "wall_time_s", "loss", "temperature", "entropy", "return",
               "norm_score", "traj_return", "group_score", "adv_std", "abs_log_ratio", "clip_frac", "approx_kl",
               "rollout_s", "update_s"]
 
-    def __init__(self, path: Path):
-        self.path, self.t_start = path, time.time()
+    def __init__(self, path: Path, keep_rows: Optional[int] = None, elapsed_s: float = 0.0):
+        self.path, self.t_start = path, time.time() - elapsed_s
+        rows = [self.FIELDS]
+        if keep_rows is not None:
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))[: keep_rows + 1]
         with open(path, "w", newline="") as f:
-            csv.writer(f).writerow(self.FIELDS)
+            csv.writer(f).writerows(rows)
+        self.rows = len(rows) - 1
+
+    def elapsed(self) -> float:
+        return time.time() - self.t_start
 
     def write(self, **row) -> None:
-        row["wall_time_s"] = round(time.time() - self.t_start, 2)
+        row["wall_time_s"] = round(self.elapsed(), 2)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.FIELDS).writerow(row)
+        self.rows += 1
 
 
-def save_checkpoint(path: Path, model: DecisionTransformer, data: Dataset, args: Args) -> None:
-    """Weights, state normalisation and args, written atomically (temp file + rename)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(dict(model=model.state_dict(), state_mean=data.state_mean, state_std=data.state_std,
-                    reward_scale=args.reward_scale, args=dataclasses.asdict(args)), tmp)
-    os.replace(tmp, path)
+class Interrupted(Exception):
+    """Ctrl-C, raised at an update boundary after the checkpoint was written."""
 
 
-def finetune(args: Args, model: DecisionTransformer, envs: list, data: Dataset, metrics: Metrics, ckpt: Path,
-             target: float, gen: torch.Generator, rng: np.random.Generator) -> tuple[float, int]:
-    """GRPO iterations until the env-step budget is spent; evaluates and checkpoints every
-    args.eval_every env steps. Returns the last normalised score and the env steps used."""
+class Checkpointer:
+    """`checkpoint.pt` in the run directory: everything a bit-identical continuation needs (args,
+    weights, temperature, optimiser states, RNG states, counters, metrics rows; the ODT buffer),
+    written atomically (temp file + rename), so a kill mid-write leaves the previous one whole.
+
+    Saved at update/iteration boundaries: every args.checkpoint_interval seconds, at each
+    evaluation, and on Ctrl-C, which only sets a flag so that the update in flight finishes
+    first. Non-finite weights are never written. [ours]"""
+
+    def __init__(self, run_dir: Path, args: Args, dataset_id: str, model: DecisionTransformer, data: Dataset,
+                 log_temp: torch.Tensor, metrics: Metrics, gen: torch.Generator, rng: np.random.Generator):
+        self.path, self.args, self.dataset_id, self.model, self.data = run_dir / "checkpoint.pt", args, dataset_id, model, data
+        self.log_temp, self.metrics, self.gen, self.rng = log_temp, metrics, gen, rng
+        self.info: dict = {}  # run-level facts carried across resumes (pretrained score, timings)
+        self.last, self.last_time, self.stop = "none", time.time(), False
+
+    def on_sigint(self, signum, frame) -> None:
+        if self.stop:  # second Ctrl-C: quit now, keeping the last periodic checkpoint
+            raise KeyboardInterrupt
+        self.stop = True
+        log("Ctrl-C: saving a checkpoint after the current update (Ctrl-C again to quit without it)")
+
+    def save(self, phase: str, **state) -> None:
+        for name, p in self.model.state_dict().items():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise NonFiniteError(f"weights {name} are not finite; not saved")
+        ckpt = dict(args=dataclasses.asdict(self.args), dataset=self.dataset_id, phase=phase,
+                    model=self.model.state_dict(), log_temp=self.log_temp.detach().cpu(),
+                    state_mean=self.data.state_mean, state_std=self.data.state_std, info=self.info,
+                    metrics_rows=self.metrics.rows, elapsed_s=self.metrics.elapsed(),
+                    rng=dict(torch=torch.get_rng_state(), gen=self.gen.get_state(), numpy=self.rng.bit_generator.state),
+                    **state)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, self.path)
+        self.last, self.last_time = f"{self.path} ({phase} step {state['step']})", time.time()
+
+    def maybe_save(self, phase: str, force: bool = False, **state) -> None:
+        """Save if forced, due, or asked by Ctrl-C; after a Ctrl-C, stop the run."""
+        if force or self.stop or time.time() - self.last_time >= self.args.checkpoint_interval:
+            self.save(phase, **state)
+        if self.stop:
+            raise Interrupted
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint, loaded with weights_only=True (tensors and plain containers only)."""
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def check_checkpoint(ckpt: dict, path: Path, args: Args, dataset_id: str) -> None:
+    """The checkpoint must come from the same env, dataset (its state normalisation) and model shape."""
+    saved = ckpt.get("args", {})
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (this run: {getattr(args, k)})"
+             for k in ("env", "context_len", "embed_dim", "n_layer", "n_head") if saved.get(k) != getattr(args, k)]
+    if ckpt.get("dataset") != dataset_id:
+        diffs.append(f"dataset {ckpt.get('dataset')} (this run: {dataset_id})")
+    if diffs:
+        raise UserError(f"checkpoint {path} does not fit this run; it has " + ", ".join(diffs))
+
+
+def resumed_args(args: Args, ckpt: dict) -> Args:
+    """The interrupted run's own args. A flag given with --resume must repeat the run's value."""
+    try:
+        saved = Args(**ckpt["args"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"checkpoint in {args.resume} has no usable args ({e})") from None
+    default = Args()
+    for f in dataclasses.fields(Args):
+        given = getattr(args, f.name)
+        if f.name != "resume" and given != getattr(default, f.name) and given != getattr(saved, f.name):
+            raise UserError(f"--resume continues a run with its own args, but --{f.name.replace('_', '-')} {given} "
+                            f"differs from the run's {getattr(saved, f.name)}; drop the flag")
+    return dataclasses.replace(saved, resume=args.resume)
+
+
+def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, envs: list, data: Dataset,
+             metrics: Metrics, ckpt: Checkpointer, target: float, gen: torch.Generator, rng: np.random.Generator,
+             state: Optional[dict] = None) -> tuple[float, int]:
+    """GRPO (or ODT) iterations until the env-step budget is spent; evaluates every args.eval_every
+    env steps. `state`: a checkpoint to continue from. Returns the last normalised score and the
+    env steps used. Both algorithms count every env.step, so they compare at equal env steps."""
     online_target = args.online_target_return if args.online_target_return is not None else target
     opt = torch.optim.AdamW(model.parameters(), lr=args.online_lr, weight_decay=args.weight_decay)
+    temp_opt = torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))  # ODT keeps learning T online
+    buffer = best_trajectories(data, args.odt_buffer) if args.algo == "odt" else []
     env_steps, it, next_eval, score = 0, 0, args.eval_every, float("nan")
-    bar = tqdm(total=args.online_steps, desc="GRPO", unit="step")
+    if state is not None and "opt" in state:
+        opt.load_state_dict(state["opt"]), temp_opt.load_state_dict(state["temp_opt"])
+        buffer, env_steps, it, next_eval, score = state["buffer"], state["env_steps"], state["step"], state["next_eval"], state["score"]
+    bar = tqdm(total=args.online_steps, initial=min(env_steps, args.online_steps), desc=args.algo.upper(), unit="step")
     while env_steps < args.online_steps:
-        t0 = time.time()
-        batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng)
-        t1 = time.time()
-        stats.update(grpo_update(args, model, opt, batch, gen))
+        t0, where = time.time(), f"{args.algo.upper()} iteration {it + 1}"
+        if args.algo == "grpo":
+            batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng)
+            t1 = time.time()
+            stats.update(grpo_update(args, model, opt, batch, gen, where))
+        else:
+            stats = odt_explore(args, model, envs, data, buffer, online_target, gen, rng)
+            t1 = time.time()
+            stats.update(odt_train(args, model, opt, log_temp, temp_opt, buffer, data, gen, where))
         stats.update(rollout_s=t1 - t0, update_s=time.time() - t1)
         env_steps, it = env_steps + stats.pop("env_steps"), it + 1
-        metrics.write(phase="grpo", step=it, env_steps=env_steps, **stats)
-        if env_steps >= next_eval or env_steps >= args.online_steps:
+        metrics.write(phase=args.algo, step=it, env_steps=env_steps, **stats)
+        evaluated = env_steps >= next_eval or env_steps >= args.online_steps
+        if evaluated:
             returns = evaluate(args, model, envs, data, target)
             score = float(normalised_score(args.env, returns).mean())
             metrics.write(phase="eval", step=it, env_steps=env_steps, norm_score=score, **{"return": returns.mean()})
-            save_checkpoint(ckpt, model, data, args)
             next_eval = (env_steps // args.eval_every + 1) * args.eval_every
         bar.update(min(env_steps, args.online_steps) - bar.n)
-        bar.set_postfix(score=f"{score:.1f}", group=f"{stats['group_score']:.0f}", clip=f"{stats['clip_frac']:.2f}")
+        bar.set_postfix(score=f"{score:.1f}", ret=f"{stats['traj_return']:.0f}")
+        ckpt.maybe_save("online", force=evaluated, step=it, env_steps=env_steps, next_eval=next_eval, score=score,
+                        opt=opt.state_dict(), temp_opt=temp_opt.state_dict(), buffer=buffer)
     bar.close()
     return score, env_steps
 
 
 def run(args: Args) -> dict:
-    """The whole pipeline: data, pretraining, evaluation, GRPO finetuning, summary."""
+    """The whole pipeline: data, pretraining (or a checkpoint), evaluation, online finetuning,
+    summary; or the continuation of an interrupted run (--resume)."""
     check_args(args)
-    t_start = time.time()
+    t_start, resume, init = time.time(), None, None
+    if args.resume is not None:
+        if not Path(args.resume).is_dir():
+            raise UserError(f"--resume {args.resume}: no such run directory")
+        if not (Path(args.resume) / "checkpoint.pt").is_file():
+            raise UserError(f"--resume {args.resume}: the directory holds no checkpoint.pt")
+        resume = load_checkpoint(Path(args.resume) / "checkpoint.pt")
+        args = resumed_args(args, resume)
+        log(f"resuming {args.resume} from its {resume['phase']} checkpoint at step {resume['step']}")
+    elif args.init_checkpoint is not None:
+        init = load_checkpoint(Path(args.init_checkpoint))
     torch.manual_seed(args.seed)
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     env = make_env(args.env)
     target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
-    t0 = time.time()
     data, dataset_id = load_data(args, env)
-    times = dict(data_time_s=time.time() - t0)
-    run_dir = Path(args.run_dir or f"runs/{args.env}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    data_time_s = time.time() - t_start
+    src = resume or init
+    if src is not None:
+        check_checkpoint(src, Path(args.resume or args.init_checkpoint), args, dataset_id)
+    run_dir = Path(args.resume or args.run_dir or
+                   f"runs/{args.env}__{args.algo}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"run directory: {run_dir}")
-    metrics, ckpt = Metrics(run_dir / "metrics.csv"), run_dir / "checkpoint.pt"
+    metrics = Metrics(run_dir / "metrics.csv", *((resume["metrics_rows"], resume["elapsed_s"]) if resume else ()))
     model = make_model(args, data.states.shape[1], data.actions.shape[1], env.spec.max_episode_steps)
+    log_temp = torch.tensor(math.log(args.init_temperature), device=args.device)
+    if src is not None:
+        model.load_state_dict(src["model"])  # shapes were checked by check_checkpoint
+        log_temp = src["log_temp"].clone().to(args.device)
+    log_temp.requires_grad_(True)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    envs = [make_env(args.env) for _ in range(max(args.eval_episodes, args.reset_points * args.group_size))]
+    envs = [make_env(args.env) for _ in range(max(args.eval_episodes, args.reset_points * args.group_size,
+                                                  args.odt_episodes))]
+    ckpt = Checkpointer(run_dir, args, dataset_id, model, data, log_temp, metrics, gen, rng)
+    if resume is not None:
+        torch.set_rng_state(resume["rng"]["torch"]), gen.set_state(resume["rng"]["gen"])
+        rng.bit_generator.state = resume["rng"]["numpy"]
+        ckpt.info = resume["info"]
+    phase = resume["phase"] if resume else "online" if init else "pretrain"
+    previous_handler = signal.signal(signal.SIGINT, ckpt.on_sigint)
     try:
-        t0 = time.time()
-        pretrain(args, model, data, metrics, gen)
-        times["pretrain_time_s"] = time.time() - t0
-        save_checkpoint(ckpt, model, data, args)
-        t0 = time.time()
-        returns = evaluate(args, model, envs, data, target)
-        times["eval_time_s"] = time.time() - t0
-        pretrained_score = float(normalised_score(args.env, returns).mean())
-        metrics.write(phase="eval", step=0, env_steps=0, norm_score=pretrained_score, **{"return": returns.mean()})
-        log(f"pretrained: return {returns.mean():.1f}, normalised score {pretrained_score:.1f}")
-        final_score, env_steps = pretrained_score, 0
+        if phase == "pretrain":
+            pretrain(args, model, data, metrics, gen, log_temp, ckpt, resume)
+        if phase == "pretrain" or resume is None:  # evaluate the starting policy, then checkpoint it
+            returns = evaluate(args, model, envs, data, target)
+            ckpt.info.update(pretrained_score=float(normalised_score(args.env, returns).mean()),
+                             pretrain_time_s=metrics.elapsed())
+            metrics.write(phase="eval", step=0, env_steps=0, norm_score=ckpt.info["pretrained_score"],
+                          **{"return": returns.mean()})
+            log(f"starting policy: return {returns.mean():.1f}, normalised score {ckpt.info['pretrained_score']:.1f}")
+            ckpt.maybe_save("online", force=True, step=0)
+            if init is None:
+                shutil.copyfile(ckpt.path, run_dir / "pretrained.pt")
+        final_score, env_steps = ckpt.info["pretrained_score"], 0
         if args.online_steps > 0:
-            t0 = time.time()
-            final_score, env_steps = finetune(args, model, envs, data, metrics, ckpt, target, gen, rng)
-            times["online_time_s"] = time.time() - t0
-    except KeyboardInterrupt:
-        save_checkpoint(ckpt, model, data, args)
-        log(f"interrupted: weights saved to {ckpt}, metrics so far in {metrics.path}")
+            final_score, env_steps = finetune(args, model, log_temp, envs, data, metrics, ckpt, target, gen, rng,
+                                              resume if phase == "online" else None)
+    except Interrupted:
+        log(f"interrupted: checkpoint saved to {ckpt.path}; continue with `python dt_grpo.py --resume {run_dir}`")
         sys.exit(130)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{e}. Last good checkpoint: {ckpt.last}") from None
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
 
-    summary = dict(env=args.env, dataset=dataset_id, seed=args.seed, pretrained_score=pretrained_score,
-                   final_score=final_score, online_env_steps=env_steps, wall_time_s=time.time() - t_start,
-                   pretrain_updates_per_s=args.pretrain_steps / max(times["pretrain_time_s"], 1e-9), **times)
+    wall = metrics.elapsed()
+    summary = dict(env=args.env, dataset=dataset_id, algo=args.algo, seed=args.seed,
+                   pretrained_score=ckpt.info["pretrained_score"], final_score=final_score,
+                   online_env_steps=env_steps, pretrain_time_s=ckpt.info["pretrain_time_s"],
+                   online_time_s=wall - ckpt.info["pretrain_time_s"], wall_time_s=wall, data_time_s=data_time_s)
     summary = {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n{'env':<20}{args.env}\n{'dataset':<20}{dataset_id}\n{'pretrained score':<20}{pretrained_score:.1f}\n"
-          f"{'final score':<20}{final_score:.1f}\n{'online env steps':<20}{env_steps}\n"
-          f"{'wall time':<20}{summary['wall_time_s']:.0f} s\n{'outputs':<20}{run_dir}")
+    print(f"\n{'env':<20}{args.env}\n{'dataset':<20}{dataset_id}\n{'algorithm':<20}{args.algo}\n"
+          f"{'starting score':<20}{summary['pretrained_score']:.1f}\n{'final score':<20}{final_score:.1f}\n"
+          f"{'online env steps':<20}{env_steps}\n{'wall time':<20}{wall:.0f} s\n{'outputs':<20}{run_dir}")
     return summary
 
 
@@ -983,3 +1282,9 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # outside training, or a second Ctrl-C
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

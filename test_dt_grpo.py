@@ -330,8 +330,9 @@ def test_cli_end_to_end_with_offline_fallback(tmp_path):
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     phases = {row.split(",")[0] for row in rows[1:]}
     assert phases == {"pretrain", "eval", "grpo"}
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert {"model", "state_mean", "state_std", "args"} <= set(ckpt)
+    for name in ("checkpoint.pt", "pretrained.pt"):
+        ckpt = torch.load(tmp_path / "run" / name, weights_only=True)
+        assert {"model", "state_mean", "state_std", "args", "rng", "log_temp"} <= set(ckpt)
 
     # A second run reuses the local dataset; with no finetuning the two scores are equal.
     r = cli("--env", "Hopper-v4", "--online-steps", "0", "--run-dir", str(tmp_path / "run0"), *TINY_FLAGS, env=env)
@@ -366,6 +367,11 @@ def test_help_documents_every_flag():
     (["--context-len", "0"], "--context-len must be > 0"),
     (["--online-steps", "-5"], "--online-steps must be >= 0"),
     (["--clip-eps", "1.5"], "--clip-eps must be in (0, 1)"),
+    (["--checkpoint-interval", "-1"], "--checkpoint-interval must be >= 0"),
+    (["--odt-updates", "0"], "--odt-updates must be > 0"),
+    (["--resume", "/nonexistent/run"], "no such run directory"),
+    (["--resume", "."], "holds no checkpoint.pt"),
+    (["--init-checkpoint", "/nonexistent/x.pt"], "no checkpoint at"),
 ])
 def test_bad_input_is_one_clear_line(minari_dir, tmp_path, flags, message):
     r = cli(*flags, "--run-dir", str(tmp_path / "run"))
@@ -373,6 +379,202 @@ def test_bad_input_is_one_clear_line(minari_dir, tmp_path, flags, message):
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The ablation of sub-trajectories and the ODT baseline
+# ---------------------------------------------------------------------------------------------
+def test_full_episode_groups(setup):
+    """--full-episodes: G whole episodes from the same start state, every action sampled, scored
+    by the episode return; the ratio is still 1 before any update."""
+    args, envs, data, model = setup
+    args = dataclasses.replace(args, full_episodes=True)
+    N, G = args.reset_points, args.group_size
+    batch, stats = D.collect_groups(args, model, envs, data, 3600.0, torch.Generator().manual_seed(0),
+                                    np.random.default_rng(0))
+    assert (batch.t0 == 0).all() and batch.logp_old.shape == (N * G, 1000)
+    s0 = batch.ep.states[:, 0].view(N, G, -1)
+    assert (s0 == s0[:, :1]).all() and not (s0[:, 0] == s0[:1, 0]).all()  # same start in a group, not across
+    np.testing.assert_array_equal(batch.valid.sum(1).numpy(), batch.ep.t.numpy())  # all actions sampled
+    torch.testing.assert_close(batch.scores.view(-1), batch.ep.rewards.sum(1))
+    assert stats["env_steps"] == int(batch.ep.t.sum())
+    with torch.no_grad():
+        logp, _ = D.batch_log_probs(model, batch, torch.arange(N * G))
+    assert D.log_ratios(logp, batch.logp_old, batch.valid.float(), "joint").abs().max() < 1e-4
+
+
+def test_odt_buffer_seeding_relabeling_and_fifo(setup):
+    args, envs, data, model = setup
+    buffer = D.best_trajectories(data, 5)
+    returns = [float(tr["rtg"][0]) for tr in buffer]
+    assert returns == sorted(returns, reverse=True)
+    assert returns[0] == pytest.approx(data.episode_returns.max() * args.reward_scale, rel=1e-5)
+    for tr in buffer:
+        assert len(tr["states"]) == len(tr["actions"]) == len(tr["rtg"]) > 0
+    replay = D.buffer_dataset(buffer, data)
+    ctx = replay.sample(64, args.context_len, torch.Generator().manual_seed(0))
+    assert (ctx.timesteps[ctx.mask] >= 0).all() and len(replay.rtg) == sum(len(tr["rtg"]) for tr in buffer)
+
+    args = dataclasses.replace(args, odt_episodes=2, odt_buffer=6)
+    stats = D.odt_explore(args, model, envs, data, buffer, 3600.0, torch.Generator().manual_seed(0),
+                          np.random.default_rng(0))
+    assert len(buffer) == 6  # 5 + 2 new, the oldest dropped
+    assert float(buffer[0]["rtg"][0]) == pytest.approx(returns[1])
+    new = buffer[-2:]
+    assert sum(len(tr["rtg"]) for tr in new) == stats["env_steps"]
+    for tr in new:  # hindsight: RTG tokens are the returns achieved, not the 3600 that was fed
+        assert abs(float(tr["rtg"][0]) - 3.6) > 0.1
+        rewards = -torch.diff(tr["rtg"], append=torch.zeros(1)) / args.reward_scale
+        torch.testing.assert_close(D.returns_to_go(rewards) * args.reward_scale, tr["rtg"], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs that survive: reproducibility, resume after SIGINT / SIGKILL, checkpoints, guards
+# ---------------------------------------------------------------------------------------------
+RUN_FLAGS = [*TINY_FLAGS, "--dataset", "local/hopper-random-v0", "--pretrain-steps", "60", "--online-steps", "1500",
+             "--eval-every", "500", "--checkpoint-interval", "0"]
+WALL_CLOCK = ("wall_time_s", "rollout_s", "update_s")
+
+
+def outcome(run_dir: Path) -> tuple[dict, list]:
+    """summary.json scores and the metrics CSV without its wall-clock columns."""
+    import csv
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in csv.DictReader(open(run_dir / "metrics.csv"))]
+    return {k: summary[k] for k in ("pretrained_score", "final_score", "online_env_steps")}, rows
+
+
+@pytest.fixture(scope="module")
+def reference_run(minari_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref") / "run"
+    r = cli(*RUN_FLAGS, "--run-dir", str(d))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def test_same_seed_same_results_other_seed_differs(reference_run, tmp_path):
+    assert cli(*RUN_FLAGS, "--run-dir", str(tmp_path / "again")).returncode == 0
+    assert cli(*RUN_FLAGS, "--seed", "2", "--run-dir", str(tmp_path / "seed2")).returncode == 0
+    ref = outcome(reference_run)
+    assert outcome(tmp_path / "again") == ref
+    other = outcome(tmp_path / "seed2")
+    assert other[0] != ref[0] and other[1] != ref[1]
+
+
+def interrupt_then_resume(run_dir: Path, flags: list, sig: int, after_row: str) -> None:
+    """Start a run, send `sig` once its metrics CSV holds a row starting with `after_row`, resume it."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, str(HERE / "dt_grpo.py"), *flags, "--run-dir", str(run_dir)],
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 300
+    while not any(line.startswith(after_row) for line in
+                  ((run_dir / "metrics.csv").read_text().splitlines() if (run_dir / "metrics.csv").exists() else [])):
+        assert p.poll() is None and time.time() < deadline, "run ended before the signal"
+        time.sleep(0.05)
+    p.send_signal(sig)
+    err = p.communicate(timeout=300)[1]
+    if sig == signal.SIGINT:
+        assert p.returncode == 130 and "checkpoint saved" in err and "Traceback" not in err, err[-2000:]
+    else:
+        assert p.returncode == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists()
+    r = cli("--resume", str(run_dir))
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sig, after_row", [(2, "pretrain,51"), (9, "grpo,3,")], ids=["SIGINT-pretrain", "SIGKILL-grpo"])
+def test_interrupted_run_resumes_to_the_same_result(reference_run, tmp_path, sig, after_row):
+    interrupt_then_resume(tmp_path / "run", RUN_FLAGS, sig, after_row)
+    assert outcome(tmp_path / "run") == outcome(reference_run)
+
+
+def test_odt_run_interrupted_in_finetuning_resumes_to_the_same_result(minari_dir, tmp_path):
+    flags = [*RUN_FLAGS, "--algo", "odt", "--odt-updates", "5", "--odt-buffer", "50", "--online-steps", "600",
+             "--eval-every", "300"]
+    assert cli(*flags, "--run-dir", str(tmp_path / "ref")).returncode == 0
+    interrupt_then_resume(tmp_path / "run", flags, 2, "odt,2,")
+    ref = outcome(tmp_path / "ref")
+    assert outcome(tmp_path / "run") == ref and {r["phase"] for r in ref[1]} == {"pretrain", "eval", "odt"}
+
+
+def test_checkpoints_load_weights_only_and_must_fit(reference_run, tmp_path):
+    ckpt = torch.load(reference_run / "pretrained.pt", weights_only=True)
+    assert ckpt["phase"] == "online" and ckpt["step"] == 0
+    # Evaluate a checkpoint alone: the same score as when it was saved.
+    r = cli(*RUN_FLAGS, "--init-checkpoint", str(reference_run / "pretrained.pt"), "--online-steps", "0",
+            "--run-dir", str(tmp_path / "eval"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert outcome(tmp_path / "eval")[0]["final_score"] == outcome(reference_run)[0]["pretrained_score"]
+    # Another model shape, another env, a corrupt file: one clear line, exit 2.
+    for flags, message in [(["--embed-dim", "64"], "--embed-dim 32 (this run: 64)"),
+                           (["--env", "Hopper-v5"], "--env Hopper-v4 (this run: Hopper-v5)")]:
+        r = cli(*RUN_FLAGS, *flags, "--init-checkpoint", str(reference_run / "pretrained.pt"),
+                "--run-dir", str(tmp_path / "bad"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, r.stderr[-2000:]
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((reference_run / "pretrained.pt").read_bytes()[:1000])
+    r = cli(*RUN_FLAGS, "--init-checkpoint", str(broken), "--run-dir", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+    # --resume takes the run's own args; a conflicting flag is refused.
+    r = cli("--resume", str(reference_run), "--lr", "0.1")
+    assert r.returncode == 2 and "differs from the run's" in r.stderr
+
+
+@pytest.mark.parametrize("where", ["pretrain", "grpo"])
+def test_non_finite_update_stops_the_run_and_keeps_the_last_good_checkpoint(minari_dir, tmp_path, monkeypatch, where):
+    """Inject a NaN loss into one update: the run stops there, naming the update and the last good
+    checkpoint, and the checkpoint on disk is an earlier, finite one."""
+    calls = {"n": 0}
+    real = D.odt_loss if where == "pretrain" else D.grpo_policy_loss
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        return (out[0] * float("nan"), *out[1:]) if calls["n"] == 30 else out
+
+    monkeypatch.setattr(D, real.__name__, poisoned)
+    args = D.Args(**{**TINY, "dataset": "local/hopper-random-v0", "pretrain_steps": 40 if where == "pretrain" else 5,
+                     "batch_size": 8, "online_steps": 5000, "eval_every": 1000, "checkpoint_interval": 0.0,
+                     "run_dir": str(tmp_path / "run")})
+    with pytest.raises(D.NonFiniteError) as e:
+        D.run(args)
+    msg = str(e.value)
+    assert ("pretraining update 30" if where == "pretrain" else "GRPO iteration") in msg
+    assert "Last good checkpoint" in msg and str(tmp_path / "run" / "checkpoint.pt") in msg
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert f"step {ckpt['step']})" in msg  # the message names the checkpoint that is on disk
+
+    # and a checkpoint is never written over with non-finite weights
+    model = D.make_model(args, 11, 3, 1000)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    saver = D.Checkpointer(tmp_path / "run", args, "x", model, None, torch.zeros(()), None, None, None)
+    with pytest.raises(D.NonFiniteError):
+        saver.save("online", step=1)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["truncated data file", "missing metadata"])
+def test_corrupt_local_dataset_is_rebuilt(minari_dir, tmp_path, monkeypatch, capsys, damage):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    D.build_random_dataset("local/hopper-random-v0", "Hopper-v4", 500)
+    path = tmp_path / "local" / "hopper-random-v0"
+    if damage == "truncated data file":
+        f = path / "data" / "main_data.hdf5"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        (path / "data" / "metadata.json").unlink()
+    args = D.Args(dataset="local/hopper-random-v0", random_dataset_steps=700)
+    data, _ = D.load_data(args, D.make_env("Hopper-v4"))
+    assert len(data.rtg) >= 700  # rebuilt with this run's size, not the damaged 500-step copy
+    if damage == "truncated data file":
+        assert "REBUILDING" in capsys.readouterr().err
+    assert not any(p.name.startswith(".building") for p in tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
