@@ -2,7 +2,8 @@
 
 One file, top to bottom in the order of the algorithm:
 
-    Args -> data -> model -> pretraining -> rollouts and resets -> GRPO -> evaluation -> main
+    Args -> data -> model -> pretraining -> rollouts and resets -> GRPO -> ODT baseline
+    -> evaluation -> main
 
 It follows
   * Luo & Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients",
@@ -167,11 +168,11 @@ class Args:
     actions sampled and scored by the episode return, instead of sub-trajectories from reset points."""
 
     # --- ODT baseline (--algo odt) --------------------------------------------------------------
-    odt_episodes: int = 4
+    odt_episodes: int = 8
     """Exploration episodes per ODT iteration, run together (ODT: 1) [ours]."""
-    odt_updates: int = 20
+    odt_updates: int = 10
     """Supervised updates of --batch-size windows per ODT iteration (ODT: 300 of 256 windows;
-    scaled down to this model and a 2-core CPU) [ours]."""
+    scaled down so that ODT costs about as much as GRPO per env step on a 2-core CPU) [ours]."""
     odt_buffer: int = 1000
     """Replay buffer size in trajectories, first filled with the best offline ones (ODT's value)."""
 
@@ -362,7 +363,10 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int =
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_root / dataset_id, final)
     finally:
-        os.environ.pop("MINARI_DATASETS_PATH") if old_root is None else os.environ.update(MINARI_DATASETS_PATH=old_root)
+        if old_root is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old_root
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
