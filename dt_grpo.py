@@ -172,7 +172,7 @@ class Args:
     """Exploration episodes per ODT iteration, run together (ODT: 1) [ours]."""
     odt_updates: int = 10
     """Supervised updates of --batch-size windows per ODT iteration (ODT: 300 of 256 windows;
-    scaled down so that ODT costs about as much as GRPO per env step on a 2-core CPU) [ours]."""
+    scaled down for a 2-core CPU; ODT still costs ~2x GRPO's wall-clock per env step) [ours]."""
     odt_buffer: int = 1000
     """Replay buffer size in trajectories, first filled with the best offline ones (ODT's value)."""
 
