@@ -896,8 +896,7 @@ def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dat
         t0 = torch.zeros(N * G, dtype=torch.long)
         grp = rollout(model, envs[: N * G], ep, T, T, data, args.reward_scale, gen)
         scores = ep.rewards.sum(1).view(N, G)
-        out = dict(env_steps=0)
-        traj_return = scores.mean().item()
+        env_steps, traj_return = grp["env_steps"], scores.mean().item()
     else:
         # (a) one trajectory of the current (stochastic) policy, with a snapshot at every step.
         snapshots: list = []
@@ -916,11 +915,12 @@ def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dat
         steps = torch.arange(T + 1)[None, :]
         scored = (steps >= t0[:, None]) & (steps < ep.t[:, None])  # steps taken by each rollout
         scores = (ep.rewards * scored).sum(1).view(N, G)  # (N, G)
+        env_steps = out["env_steps"] + grp["env_steps"]
     # (d) group-relative advantages.
     adv = group_advantages(scores).view(-1)
     if args.hindsight_relabel:
         ep = hindsight_relabel(ep, args.reward_scale)
-    stats = dict(env_steps=out["env_steps"] + grp["env_steps"], traj_return=traj_return,
+    stats = dict(env_steps=env_steps, traj_return=traj_return,
                  group_score=scores.mean().item(), adv_std=scores.std(1, unbiased=False).mean().item())
     return GroupBatch(ep, t0, grp["logp"], grp["valid"], scores, adv), stats
 
