@@ -1,9 +1,9 @@
 """dt_grpo.py: online finetuning of a Decision Transformer with pure RL gradients (GRPO).
 
-One file, top to bottom in the order of the algorithm:
+One file, top to bottom in the order of the algorithm, the plumbing last:
 
     Args -> data -> model -> pretraining -> rollouts and resets -> GRPO -> ODT baseline
-    -> evaluation -> main
+    -> evaluation -> the training loop -> plumbing (checks, dataset download, checkpoints, main)
 
 It follows
   * Luo & Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients",
@@ -17,7 +17,7 @@ It follows
 
 The paper's code was not released and its full text was not available to us. Comments say
 [paper] for what the abstract, the public reviews and reading notes confirm, and [ours] for
-this project's choices (see ALGORITHM.md in the project's shared notes).
+this project's choices.
 
 Run:
     python dt_grpo.py --env Hopper-v4              # pretrain, finetune with GRPO, evaluate
@@ -25,6 +25,15 @@ Run:
     python dt_grpo.py --resume runs/<run>          # continue an interrupted run
     python dt_grpo.py --env Hopper-v4 --algo odt   # the ODT baseline instead of GRPO
     python dt_grpo.py --help                       # every flag
+
+Where to change what (each is one small function):
+    the score of a rollout        score_rollouts       (sum of rewards over the steps it took)
+    the advantage estimator       group_advantages     (group-normalised scores)
+    the reset-point rule          choose_reset_points  (--reset-rule)
+    the importance ratio          log_ratios           (--ratio)
+    the RTG of online rollouts    finetune: online_target (--online-target-return); Episodes.record
+                                  writes each next token as the previous one minus the reward
+    a column of metrics.csv       one more key in the dict that collect_groups or grpo_update returns
 
 Tensor shape notation used throughout:
     B batch (of segments, rollouts or windows)    K context length (timesteps per window)
@@ -75,8 +84,8 @@ class Args:
     env: str = "Hopper-v4"
     """Gymnasium MuJoCo environment id (Hopper, Walker2d, HalfCheetah or Ant; v4 or v5)."""
     dataset: Optional[str] = None
-    """Minari dataset id. Default: `mujoco/<env>/medium-v0`. Ids in the `local/` namespace
-    (e.g. `local/hopper-random-v0`) are built here from a uniform-random policy when missing."""
+    """Minari dataset id. Default: `mujoco/<env>/medium-v0`. A `local/` id (e.g. `local/hopper-random-v0`)
+    is built here from a uniform-random policy on --env when missing; its name starts with the env's family."""
     random_dataset_steps: int = 100_000
     """Environment steps in a locally built uniform-random dataset."""
     seed: int = 1
@@ -84,21 +93,21 @@ class Args:
     device: str = "cpu"
     """Torch device."""
     run_dir: Optional[str] = None
-    """Where metrics, checkpoints and summary go. Default: `runs/<env>__<algo>__seed<seed>__<time>`."""
+    """Where metrics, curves, checkpoints and summary go. Default: `runs/<env>__<algo>__seed<seed>__<time>`."""
     resume: Optional[str] = None
     """Continue the interrupted run in this directory from its `checkpoint.pt`, with that run's
     own args (other flags must be left at their defaults or repeat the run's values)."""
     init_checkpoint: Optional[str] = None
-    """Start from the weights of this checkpoint instead of pretraining (e.g. a run's
-    `pretrained.pt`; same env, dataset and model shape). With `--online-steps 0`: evaluate it only."""
+    """Start from the weights of this checkpoint instead of pretraining (e.g. a run's `pretrained.pt`;
+    same env, dataset and model shape). With `--online-steps 0`: evaluate it only."""
     checkpoint_interval: float = 60.0
-    """Seconds between periodic checkpoints, taken at the next update/iteration boundary
-    (0 = at every boundary). A kill loses at most this much work; Ctrl-C loses none."""
+    """Seconds between periodic checkpoints, taken at the next update/iteration boundary (0 = at
+    every boundary). A kill loses at most this much work; Ctrl-C loses none."""
 
     # --- model (ODT-size: --embed-dim 512 --n-layer 4 --n-head 4 --context-len 20) -----------
     context_len: int = 10
-    """K: timesteps per context window (the DT sees 3K tokens). DT/ODT use 20 on MuJoCo; 10
-    halves the cost of every forward pass, which bounds rollout speed on a CPU [ours]."""
+    """K: timesteps per context window (3K tokens). DT/ODT use 20 on MuJoCo; 10 halves the cost of
+    every forward pass, which bounds rollout speed on a CPU [ours]."""
     embed_dim: int = 128
     """Width of the transformer."""
     n_layer: int = 3
@@ -122,19 +131,19 @@ class Args:
     grad_clip: float = 0.25
     """Gradient-norm clip (ODT's value), used in pretraining and GRPO."""
     init_temperature: float = 0.1
-    """Initial entropy temperature T of the ODT objective; T is learned toward entropy -|A|."""
+    """Initial entropy temperature of the ODT objective, learned toward entropy -|A|."""
     reward_scale: float = 1e-3
     """Scale of returns-to-go tokens (ODT uses 1/1000 on MuJoCo)."""
 
     # --- online finetuning --------------------------------------------------------------------
     algo: Literal["grpo", "odt"] = "grpo"
-    """Online finetuning: `grpo` = pure RL gradients [paper]; `odt` = the Online Decision
-    Transformer baseline (hindsight relabeling + supervised updates, Zheng et al. 2022)."""
+    """`grpo` = pure RL gradients [paper]; `odt` = the Online Decision Transformer baseline
+    (hindsight relabeling + supervised updates, Zheng et al. 2022)."""
     online_steps: int = 500_000
-    """Budget of environment steps for finetuning, counting every env.step (0 = no finetuning).
-    An iteration that starts under the budget is finished, so the count may end a little over."""
+    """Budget of env steps for finetuning, counting every env.step (0 = none). An iteration that
+    starts under the budget is finished, so the count may end a little over."""
     group_size: int = 8
-    """G: rollouts from each reset point; the group mean score is the baseline [paper]."""
+    """G: rollouts from each reset point (at least 2); the group mean score is the baseline [paper]."""
     reset_points: int = 8
     """N: reset points (groups) per GRPO iteration."""
     traj_len: int = 20
@@ -152,27 +161,33 @@ class Args:
     online_lr: float = 1e-4
     """Learning rate of GRPO updates (AdamW)."""
     ratio: Literal["joint", "mean", "token"] = "joint"
-    """Importance ratio: `joint` = one ratio per sub-trajectory, sum of the L action log-ratios
-    [paper]; `mean` = that sum / L (GSPO); `token` = one ratio per action (plain PPO/GRPO)."""
-    active_sampling: bool = True
-    """Choose reset points where the policy is uncertain [paper]; off = uniformly along the trajectory."""
-    active_temperature: float = 1.0
-    """Softmax temperature over the standardised uncertainty profile (lower = greedier)."""
+    """`joint` = one ratio per sub-trajectory, the sum of its L action log-ratios [paper]; `mean` =
+    that sum / L (GSPO); `token` = one ratio per action (plain PPO/GRPO)."""
+    reset_rule: Literal["uncertainty", "uniform"] = "uncertainty"
+    """Where reset points fall along the trajectory: `uncertainty` = active sampling, favouring
+    steps where the policy's predicted std is high [paper]; `uniform` = the ablation."""
+    reset_temperature: float = 1.0
+    """Softmax temperature over the standardised uncertainty profile (lower = greedier) [ours]."""
+    explore_std_scale: float = 1.0
+    """Scale of the policy's std in the sampled GRPO actions [ours]: the scaled policy acts, and its
+    ratio and entropy are the ones trained; evaluation uses the mean action."""
+    traj_std_scale: float = 1.0
+    """Scale of the std along the trajectory that reset points are drawn from: 1 = the policy's own
+    samples, 0 = mean actions (the states evaluation visits) [ours]."""
     hindsight_relabel: bool = False
-    """Ablation: train on achieved returns-to-go instead of those fed to the policy. The paper
-    shows this breaks importance-sampling RL; off by default."""
+    """Ablation: train on achieved returns-to-go instead of those fed to the policy (breaks the ratios [paper])."""
     online_target_return: Optional[float] = None
     """Return-to-go that conditions the online rollouts (GRPO and ODT). Default: the env's target return."""
     full_episodes: bool = False
-    """Ablation: each group is G whole episodes from one start state (N start states), all
-    actions sampled and scored by the episode return, instead of sub-trajectories from reset points."""
+    """Ablation: each group is G whole episodes from one start state, all actions sampled and scored
+    by the episode return, instead of sub-trajectories from reset points."""
 
     # --- ODT baseline (--algo odt) --------------------------------------------------------------
     odt_episodes: int = 8
     """Exploration episodes per ODT iteration, run together (ODT: 1) [ours]."""
     odt_updates: int = 10
-    """Supervised updates of --batch-size windows per ODT iteration (ODT: 300 of 256 windows;
-    scaled down for a 2-core CPU; ODT still costs ~2x GRPO's wall-clock per env step) [ours]."""
+    """Supervised updates of --batch-size windows per ODT iteration (ODT: 300 of 256 windows; scaled
+    down for a 2-core CPU, where ODT still costs ~2x GRPO's wall-clock per env step) [ours]."""
     odt_buffer: int = 1000
     """Replay buffer size in trajectories, first filled with the best offline ones (ODT's value)."""
 
@@ -180,10 +195,9 @@ class Args:
     eval_episodes: int = 10
     """Deterministic (mean-action) episodes per evaluation."""
     eval_every: int = 50_000
-    """Evaluate (and checkpoint) every this many online env steps."""
+    """Evaluate (and checkpoint, and redraw curves.png) every this many online env steps."""
     target_return: Optional[float] = None
     """Return-to-go that conditions evaluation. Default: the env's value in ENV_TABLE."""
-
 
 # Per-environment constants, one table. `dataset`: the Minari id used by default (recorded on
 # the v5 envs). `target`: evaluation return-to-go [ours, CORL/ODT-like values]. `ref_min`/
@@ -197,76 +211,8 @@ ENV_TABLE = {
 }
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one line on stderr, exit code 2, no traceback."""
-
-
-def log(msg: str) -> None:
-    tqdm.write(f"[dt_grpo] {msg}", file=sys.stderr)
-
-
-def warn_loudly(msg: str) -> None:
-    bar = "!" * 88
-    tqdm.write(f"{bar}\n[dt_grpo] WARNING: {msg}\n{bar}", file=sys.stderr)
-
-
-def env_family(env_id: str) -> str:
-    return env_id.split("-v")[0]
-
-
-def check_args(args: Args) -> None:
-    """Reject nonsense numbers before any work is done."""
-    for name in ("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "eval_len"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "group_size", "reset_points",
-                 "traj_len", "epochs", "minibatch_size", "eval_episodes", "eval_every", "odt_episodes",
-                 "odt_updates", "odt_buffer"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("lr", "online_lr", "reward_scale", "init_temperature", "active_temperature", "grad_clip"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if not args.checkpoint_interval >= 0:
-        raise UserError(f"--checkpoint-interval must be >= 0 seconds, got {args.checkpoint_interval}")
-    if args.resume is not None and args.init_checkpoint is not None:
-        raise UserError("--resume continues a run; --init-checkpoint starts a new one: give only one")
-    for name in ("target_return", "online_target_return"):
-        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not 0 < args.clip_eps < 1:
-        raise UserError(f"--clip-eps must be in (0, 1), got {args.clip_eps}")
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {args.device!r} is not usable here ({str(e).splitlines()[0]})") from None
-    if args.embed_dim % args.n_head:
-        raise UserError(f"--n-head {args.n_head} must divide --embed-dim {args.embed_dim}")
-
-
-def make_env(env_id: str) -> gym.Env:
-    """A Gymnasium MuJoCo env with a continuous (Box) action space, or a UserError saying why not."""
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error as e:
-        raise UserError(f"unknown environment {env_id!r} ({e})") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Hopper-v4 is out of date": known, v4 is the D4RL-era env
-        env = gym.make(spec)
-    if not isinstance(env.action_space, gym.spaces.Box):
-        raise UserError(f"{env_id} has a {type(env.action_space).__name__} action space; "
-                        "the tanh-Gaussian policy needs a continuous Box action space")
-    if not hasattr(env.unwrapped, "data") or not isinstance(env.unwrapped.data, mujoco.MjData):
-        raise UserError(f"{env_id} is not a MuJoCo environment; GRPO's exact resets need MuJoCo")
-    if env_family(env_id) not in ENV_TABLE:
-        raise UserError(f"no reference scores for {env_id}; supported families: {', '.join(ENV_TABLE)}")
-    return env
-
-
 # =============================================================================================
-# Data: Minari dataset (or a locally built random one), returns-to-go, K-step windows
+# Data: returns-to-go, K-step windows, the offline dataset flattened for window sampling
 # =============================================================================================
 def returns_to_go(rewards: torch.Tensor) -> torch.Tensor:
     """Undiscounted R̂_t = sum_{u >= t} r_u along the last dim. (..., T) -> (..., T)"""
@@ -302,7 +248,9 @@ class Context:
 
 @dataclass
 class Dataset:
-    """All dataset steps flat, with each step's episode start, ready for window sampling."""
+    """All dataset steps flat, with each step's episode start, ready for window sampling. It also
+    owns the two token conventions that online episodes must share: state normalisation and
+    the reward scale of the RTG tokens."""
 
     states: torch.Tensor  # (D, S) normalised
     actions: torch.Tensor  # (D, A)
@@ -311,6 +259,26 @@ class Dataset:
     state_mean: torch.Tensor  # (S,)
     state_std: torch.Tensor  # (S,)
     episode_returns: np.ndarray  # (episodes,)
+    reward_scale: float
+
+    @staticmethod
+    def from_episodes(episodes: list, reward_scale: float) -> "Dataset":
+        """Flatten Minari episodes: observations (T+1, S) (the last follows the last action),
+        actions (T, A), rewards (T,)."""
+        lengths = torch.tensor([len(ep.rewards) for ep in episodes])
+        states = np.concatenate([ep.observations[:-1] for ep in episodes]).astype(np.float32)
+        mean, std = states.mean(0), states.std(0) + 1e-6
+        rtg = torch.cat([returns_to_go(torch.as_tensor(ep.rewards, dtype=torch.float64)) for ep in episodes])
+        return Dataset(states=torch.as_tensor((states - mean) / std),
+                       actions=torch.as_tensor(np.concatenate([ep.actions for ep in episodes]), dtype=torch.float32),
+                       rtg=(rtg * reward_scale).float(),
+                       ep_start=torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths),
+                       state_mean=torch.as_tensor(mean), state_std=torch.as_tensor(std),
+                       episode_returns=np.array([ep.rewards.sum() for ep in episodes]), reward_scale=reward_scale)
+
+    def normalise(self, obs: np.ndarray) -> torch.Tensor:
+        """Raw observations (B, S) -> the normalised state tokens the DT was trained on."""
+        return (torch.as_tensor(obs, dtype=torch.float32) - self.state_mean) / self.state_std
 
     def sample(self, batch_size: int, K: int, gen: torch.Generator) -> Context:
         """Random K-step windows. Sampling the window's last step uniformly over all steps weighs
@@ -318,161 +286,6 @@ class Dataset:
         end = torch.randint(len(self.rtg), (batch_size,), generator=gen)
         idx, mask = window_indices(end, self.ep_start[end], K)
         return Context(self.rtg[idx, None], self.states[idx], self.actions[idx], idx - self.ep_start[end, None], mask)
-
-
-def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int = 0) -> None:
-    """Write a Minari dataset of a uniform-random policy (the paper's "low-quality data" case).
-
-    `EpisodeBuffer` is filled directly with whole arrays: its `add_step_data` and
-    `minari.DataCollector` need jax, which we do not install. The dataset is written under a
-    temporary root and moved into place at the end, so a build killed half-way leaves nothing
-    that looks like a dataset. The seed is fixed, not the run's: every run that builds the
-    dataset gets the same one [ours].
-    """
-    env = make_env(env_id)
-    env.action_space.seed(seed)
-    buffers, steps, ep = [], 0, 0
-    with tqdm(total=n_steps, desc=f"building {dataset_id}", unit="step") as bar:
-        while steps < n_steps:
-            obs, _ = env.reset(seed=seed + ep)
-            o, a, r, term, trunc = [obs], [], [], [], []
-            while True:
-                act = env.action_space.sample()
-                obs, rew, te, tr, _ = env.step(act)
-                o.append(obs), a.append(act), r.append(rew), term.append(te), trunc.append(tr)
-                if te or tr:
-                    break
-            buffers.append(EpisodeBuffer(id=ep, seed=seed + ep, observations=np.array(o), actions=np.array(a),
-                                         rewards=np.array(r), terminations=np.array(term),
-                                         truncations=np.array(trunc), infos={}))
-            steps, ep = steps + len(r), ep + 1
-            bar.update(len(r))
-    final = minari.storage.get_dataset_path(dataset_id)
-    root = minari.storage.get_dataset_path()
-    tmp_root = root / f".building-{os.getpid()}"
-    old_root = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)  # Minari reads its root from here on every call
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Minari asks for author / permalink metadata
-            minari.create_dataset_from_buffers(
-                dataset_id=dataset_id, buffer=buffers, env=env_id, algorithm_name="uniform-random",
-                author="dt-grpo", author_email="none", code_permalink="dt_grpo.py", data_format="hdf5",
-                description=f"{steps} steps of a uniform-random policy on {env_id}, built by dt_grpo.py")
-        shutil.rmtree(final, ignore_errors=True)  # a partial or corrupt earlier copy
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp_root / dataset_id, final)
-    finally:
-        if old_root is None:
-            del os.environ["MINARI_DATASETS_PATH"]
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = old_root
-        shutil.rmtree(tmp_root, ignore_errors=True)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Minari downloads from the Hugging Face hub; without a network its client retries for
-    ~23 s before failing. One short TCP connect tells us first. [ours]"""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_minari(args: Args) -> tuple[minari.MinariDataset, str]:
-    """The dataset to pretrain on, and its id. Order: local cache -> hub -> (local/ ids, or
-    the default dataset with no hub) a uniform-random dataset built here, announced loudly."""
-    family = env_family(args.env)
-    dataset_id = args.dataset or ENV_TABLE[family]["dataset"]
-    local_id = f"local/{family.lower()}-random-v0"
-    try:
-        return minari.load_dataset(dataset_id), dataset_id
-    except FileNotFoundError:
-        pass
-    except Exception as e:  # a cached but broken dataset
-        return unreadable_dataset(args, dataset_id, e), dataset_id
-    if not dataset_id.startswith("local/"):
-        if hub_reachable():
-            try:
-                return minari.load_dataset(dataset_id, download=True), dataset_id
-            except Exception as e:
-                raise UserError(f"cannot download dataset {dataset_id!r}: {e}") from None
-        if args.dataset is not None:
-            raise UserError(f"dataset {args.dataset!r} is not cached and the Minari hub cannot be reached; "
-                            f"use --dataset {local_id} to pretrain on a locally built random dataset")
-        warn_loudly(f"dataset {dataset_id!r} is not cached and the Minari hub cannot be reached.\n"
-                    f"[dt_grpo] FALLING BACK to {local_id!r}: a uniform-random policy on {args.env} "
-                    f"(built once, then reused).\n[dt_grpo] Scores are then those of the low-quality-data "
-                    f"setting, not of {dataset_id}.")
-        dataset_id = local_id
-        try:
-            return minari.load_dataset(dataset_id), dataset_id
-        except FileNotFoundError:
-            pass
-        except Exception as e:
-            return unreadable_dataset(args, dataset_id, e), dataset_id
-    return build_local(args, dataset_id), dataset_id
-
-
-def build_local(args: Args, dataset_id: str) -> minari.MinariDataset:
-    if args.random_dataset_steps <= 0:
-        raise UserError(f"--random-dataset-steps must be > 0 to build {dataset_id}")
-    log(f"building {dataset_id}: {args.random_dataset_steps} uniform-random steps on {args.env}")
-    build_random_dataset(dataset_id, args.env, args.random_dataset_steps)
-    return minari.load_dataset(dataset_id)
-
-
-def unreadable_dataset(args: Args, dataset_id: str, error: Exception) -> minari.MinariDataset:
-    """A cached dataset that cannot be read (a partial copy, a truncated file): a local/ one is
-    rebuilt, loudly; a downloaded one is the user's to delete (it cannot be rebuilt here)."""
-    if not dataset_id.startswith("local/"):
-        raise UserError(f"cached dataset {dataset_id!r} cannot be read ({error}); delete it with "
-                        f"`minari delete {dataset_id}` and run again to download it") from None
-    warn_loudly(f"cached dataset {dataset_id!r} is partial or corrupt ({type(error).__name__}: {error}).\n"
-                f"[dt_grpo] REBUILDING it from scratch.")
-    return build_local(args, dataset_id)
-
-
-def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
-    """Load the Minari dataset, check it fits the env, and flatten it for window sampling."""
-    ds, dataset_id = load_minari(args)
-    obs_shape, act_shape = ds.observation_space.shape, ds.action_space.shape
-    if obs_shape != env.observation_space.shape or act_shape != env.action_space.shape:
-        raise UserError(f"dataset {dataset_id} does not fit {args.env}: its observations/actions are "
-                        f"{obs_shape}/{act_shape}, the env's {env.observation_space.shape}/{env.action_space.shape}")
-    recorded_on = ds.spec.env_spec.id if ds.spec.env_spec is not None else "unknown"
-    if recorded_on != args.env:
-        log(f"dataset {dataset_id} was recorded on {recorded_on} and we finetune on {args.env}; "
-            "their observation and action spaces match")
-    try:  # a truncated file may open and fail only here
-        episodes = list(ds.iterate_episodes())
-        if len(episodes) != ds.total_episodes:
-            raise ValueError(f"{len(episodes)} of {ds.total_episodes} episodes readable")
-    except Exception as e:
-        episodes = list(unreadable_dataset(args, dataset_id, e).iterate_episodes())
-    states, actions, rtg, ep_start, ep_returns, n = [], [], [], [], [], 0
-    for ep in episodes:
-        T = len(ep.rewards)  # observations hold T+1 (the last one follows the last action)
-        states.append(ep.observations[:T]), actions.append(ep.actions)
-        rtg.append(returns_to_go(torch.as_tensor(ep.rewards, dtype=torch.float64)).numpy())
-        ep_start.append(np.full(T, n))
-        ep_returns.append(ep.rewards.sum())
-        n += T
-    states = np.concatenate(states).astype(np.float32)
-    mean, std = states.mean(0), states.std(0) + 1e-6
-    data = Dataset(
-        states=torch.as_tensor((states - mean) / std),
-        actions=torch.as_tensor(np.concatenate(actions), dtype=torch.float32),
-        rtg=torch.as_tensor(np.concatenate(rtg) * args.reward_scale, dtype=torch.float32),
-        ep_start=torch.as_tensor(np.concatenate(ep_start), dtype=torch.long),
-        state_mean=torch.as_tensor(mean), state_std=torch.as_tensor(std),
-        episode_returns=np.array(ep_returns))
-    log(f"dataset {dataset_id}: {len(ep_returns)} episodes, {len(data.rtg)} steps, "
-        f"return mean {data.episode_returns.mean():.1f} max {data.episode_returns.max():.1f}")
-    return data, dataset_id
 
 
 # =============================================================================================
@@ -536,6 +349,10 @@ class TanhNormal:
         a = torch.tanh(self.mean + self.log_std.exp() * torch.randn_like(self.mean))
         return -self.log_prob(a)
 
+    def scaled(self, std_scale: float) -> "TanhNormal":
+        """The same policy with its std multiplied by std_scale (> 0): --explore-std-scale."""
+        return self if std_scale == 1 else TanhNormal(self.mean, self.log_std + math.log(std_scale))
+
     @property
     def mode(self) -> torch.Tensor:
         """The deterministic action used in evaluation and in the L_eval scoring steps."""
@@ -577,6 +394,12 @@ class DecisionTransformer(nn.Module):
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(raw_log_std) + 1)
         return TanhNormal(mean, log_std)
 
+    def last_step(self, ctx: Context) -> TanhNormal:
+        """The policy that acts: the distribution at each window's last step, (B, A). Rollouts
+        (π_old) and GRPO updates (π_θ) both call this, so the ratio compares one function."""
+        dist = self(ctx)
+        return TanhNormal(dist.mean[:, -1], dist.log_std[:, -1])
+
 
 def make_model(args: Args, S: int, A: int, max_ep_len: int) -> DecisionTransformer:
     return DecisionTransformer(S, A, max_ep_len, args.context_len, args.embed_dim, args.n_layer,
@@ -584,7 +407,7 @@ def make_model(args: Args, S: int, A: int, max_ep_len: int) -> DecisionTransform
 
 
 # =============================================================================================
-# Pretraining: ODT objective, -log-likelihood - T * entropy, with T learned toward -|A|
+# Pretraining: ODT objective, -log-likelihood - temperature * entropy, temperature learned toward -|A|
 # =============================================================================================
 def odt_loss(model: DecisionTransformer, ctx: Context, log_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (policy loss, temperature loss, entropy). Averages over the real (unpadded) steps."""
@@ -594,19 +417,14 @@ def odt_loss(model: DecisionTransformer, ctx: Context, log_temp: torch.Tensor) -
     entropy = (dist.rsample_entropy() * m).sum() / m.sum()
     temperature = log_temp.exp()
     loss = nll - temperature.detach() * entropy
-    # ODT: T rises when the entropy is below target -|A| and falls when above.
+    # ODT: the temperature rises when the entropy is below target -|A| and falls when above.
     temp_loss = temperature * (entropy - (-model.A)).detach()
     return loss, temp_loss, entropy
 
 
-class NonFiniteError(Exception):
-    """A non-finite loss, gradient or ratio: the update is not applied and the run stops."""
-
-
-def check_finite(where: str, **values: torch.Tensor) -> None:
-    for name, v in values.items():
-        if not torch.isfinite(v).all():
-            raise NonFiniteError(f"non-finite {name} at {where}; the update was not applied")
+def temperature_optimiser(log_temp: torch.Tensor) -> torch.optim.Optimizer:
+    """Adam on the log-temperature (a scalar leaf tensor), ODT's settings."""
+    return torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))
 
 
 def odt_update(model: DecisionTransformer, opt: torch.optim.Optimizer, log_temp: torch.Tensor,
@@ -626,28 +444,29 @@ def odt_update(model: DecisionTransformer, opt: torch.optim.Optimizer, log_temp:
 
 
 def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Metrics", gen: torch.Generator,
-             log_temp: torch.Tensor, ckpt: Optional["Checkpointer"] = None, state: Optional[dict] = None) -> None:
+             log_temp: torch.Tensor, saver: Optional["Checkpointer"] = None, resume_from: Optional[dict] = None) -> None:
     """Offline pretraining as in ODT: AdamW with linear warm-up and gradient clipping for the
-    policy, Adam for the log-temperature `log_temp` (a scalar leaf tensor, updated in place).
-    With `ckpt`, checkpoints as it goes; `state` is a checkpoint to continue from."""
+    policy, Adam for the log-temperature `log_temp` (updated in place). With `saver`,
+    checkpoints as it goes; `resume_from` is a checkpoint to continue from."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    temp_opt = torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))
+    temp_opt = temperature_optimiser(log_temp)
     start = 0
-    if state is not None:
-        opt.load_state_dict(state["opt"]), temp_opt.load_state_dict(state["temp_opt"])
-        start = state["step"]
+    if resume_from is not None:
+        opt.load_state_dict(resume_from["opt"])
+        temp_opt.load_state_dict(resume_from["temp_opt"])
+        start = resume_from["step"]
     model.train()
     bar = tqdm(range(start, args.pretrain_steps), initial=start, total=args.pretrain_steps, desc="pretrain", unit="upd")
     for step in bar:
         for group in opt.param_groups:  # linear warm-up
             group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
-        ctx = data.sample(args.batch_size, args.context_len, gen).to(args.device)
+        ctx = data.sample(args.batch_size, model.K, gen).to(args.device)
         loss, entropy = odt_update(model, opt, log_temp, temp_opt, ctx, args.grad_clip, f"pretraining update {step + 1}")
         if step % 50 == 0 or step == args.pretrain_steps - 1:
-            bar.set_postfix(loss=f"{loss:.3f}", T=f"{log_temp.exp().item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", temp=f"{log_temp.exp().item():.3f}")
             metrics.write(phase="pretrain", step=step + 1, loss=loss, temperature=log_temp.exp().item(), entropy=entropy)
-        if ckpt is not None:
-            ckpt.maybe_save("pretrain", step=step + 1, opt=opt.state_dict(), temp_opt=temp_opt.state_dict())
+        if saver is not None:
+            saver.maybe_save("pretrain", step=step + 1, opt=opt.state_dict(), temp_opt=temp_opt.state_dict())
     model.eval()
 
 
@@ -661,12 +480,13 @@ STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: qp
 
 
 def get_snapshot(env: gym.Env) -> np.ndarray:
-    """The full integration state of the simulator (ALGORITHM.md §2.2), plus the body positions.
+    """The full integration state of the simulator, plus the body positions.
 
     set_state(qpos, qvel) is not enough: it skips qacc_warmstart, and the ~1e-15 differences
-    grow. The body positions `xpos` are not state but the env's reward reads them *before*
-    stepping (Ant's forward reward: get_body_com), when they are still those that the previous
-    mj_step computed; mj_forward on restore would refresh them, so we carry them along. [ours]
+    grow until the same actions give other observations. The body positions `xpos` are not
+    state but the env's reward reads them *before* stepping (Ant's forward reward:
+    get_body_com), when they are still those that the previous mj_step computed; mj_forward on
+    restore would refresh them, so we carry them along. [ours]
     """
     m, d = env.unwrapped.model, env.unwrapped.data
     buf = np.empty(mujoco.mj_stateSize(m, STATE_SPEC))
@@ -697,22 +517,37 @@ class Episodes:
     rtg: torch.Tensor  # (B, T+1) scaled return-to-go token fed at each step
     t: torch.Tensor  # (B,) current episode step (long)
     done: torch.Tensor  # (B,) bool, terminated or truncated
+    data: Dataset  # whose state normalisation and reward scale the tokens use
 
     @staticmethod
-    def start(obs: np.ndarray, target_return: float, T: int, data: Dataset, reward_scale: float) -> "Episodes":
+    def start(obs: np.ndarray, target_return: float, T: int, data: Dataset) -> "Episodes":
         """New episodes from reset observations obs (B, S), all conditioned on target_return."""
         B, S = obs.shape
         ep = Episodes(torch.zeros(B, T + 1, S), torch.zeros(B, T + 1, data.actions.shape[1]), torch.zeros(B, T + 1),
-                      torch.zeros(B, T + 1), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.bool))
-        ep.states[:, 0] = normalise(obs, data)
-        ep.rtg[:, 0] = target_return * reward_scale
+                      torch.zeros(B, T + 1), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.bool), data)
+        ep.states[:, 0] = data.normalise(obs)
+        ep.rtg[:, 0] = target_return * data.reward_scale
         return ep
+
+    def record(self, rows: torch.Tensor, a: torch.Tensor, obs: np.ndarray, r: torch.Tensor,
+               terminated: torch.Tensor) -> None:
+        """One env step of episodes `rows`: action a (B', A) taken, reward r (B',) and next
+        observation obs (B', S) received. The next RTG token is the previous one minus the reward
+        (the tokens fed during the rollout are the ones GRPO trains on [paper])."""
+        t = self.t[rows]
+        self.actions[rows, t] = a
+        self.rewards[rows, t] = r
+        self.states[rows, t + 1] = self.data.normalise(obs)
+        self.rtg[rows, t + 1] = self.rtg[rows, t] - r * self.data.reward_scale
+        self.t[rows] = t + 1
+        self.done[rows] = terminated | (t + 1 >= self.states.shape[1] - 1)  # our own time limit T
 
     def context(self, K: int, rows: torch.Tensor, t: Optional[torch.Tensor] = None) -> Context:
         """Context windows of episodes `rows` ending at their step t (default: current step)."""
         t = self.t[rows] if t is None else t
         Tp1 = self.states.shape[1]
         idx, mask = window_indices(rows * Tp1 + t, rows * Tp1, K)  # flat row indices (len(rows), K)
+
         def gather(z: torch.Tensor) -> torch.Tensor:  # (B, T+1, ...) -> (len(rows), K, ...)
             return z.reshape(-1, *z.shape[2:])[idx]
 
@@ -725,29 +560,26 @@ class Episodes:
         steps = torch.arange(self.states.shape[1])[None, :]  # (1, T+1)
         known, taken = (steps <= t0[:, None]).float(), (steps < t0[:, None]).float()  # (B', T+1)
         return Episodes(self.states[b] * known[..., None], self.actions[b] * taken[..., None], self.rewards[b] * taken,
-                        self.rtg[b] * known, t0.clone(), torch.zeros(len(t0), dtype=torch.bool))
-
-
-def normalise(obs: np.ndarray, data: Dataset) -> torch.Tensor:
-    return (torch.as_tensor(obs, dtype=torch.float32) - data.state_mean) / data.state_std
+                        self.rtg[b] * known, t0.clone(), torch.zeros(len(t0), dtype=torch.bool), self.data)
 
 
 @torch.no_grad()
-def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, n_sampled: int, data: Dataset,
-            reward_scale: float, gen: torch.Generator, snapshots: Optional[list] = None) -> dict:
+def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, n_sampled: int,
+            gen: torch.Generator, snapshots: Optional[list] = None, std_scale: float = 1.0) -> dict:
     """Advance B episodes together, one batched forward pass per step, for at most n_steps.
 
-    envs[b] plays episode b. The first n_sampled actions are sampled from the policy (their
-    log-probs are recorded: log π_old), the rest are mean actions. The episode step counter
-    is ours, not the TimeLimit wrapper's (which a snapshot restore cannot rewind), and episodes
-    are truncated at T = max_episode_steps (ALGORITHM.md §2.3). If `snapshots` is a list (for
-    a single episode, B = 1), the simulator state before each step is appended to it.
+    envs[b] plays episode b. The first n_sampled actions are sampled from the policy (with its
+    std scaled by std_scale; their log-probs are recorded: log π_old), the rest are mean
+    actions. The episode step counter is ours, not the TimeLimit wrapper's (which a snapshot
+    restore cannot rewind), and episodes are truncated at T = max_episode_steps. If
+    `snapshots` is a list (for a single episode, B = 1), the simulator state before each step
+    is appended to it.
 
     Returns logp (B, n_sampled), valid (B, n_sampled) bool, uncertainty (B, n_steps) = mean
     predicted log-std (nan where no step), env_steps (int).
     """
     model.eval()  # dropout off: log π_old must be the exact function that is later differentiated
-    B, T = len(envs), ep.states.shape[1] - 1
+    B = len(envs)
     logp, valid = torch.zeros(B, n_sampled), torch.zeros(B, n_sampled, dtype=torch.bool)
     uncertainty = torch.full((B, n_steps), float("nan"))
     env_steps = 0
@@ -755,30 +587,35 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
         rows = (~ep.done).nonzero().squeeze(1)  # (B',) episodes still running
         if len(rows) == 0:
             break
-        dist = model(ep.context(model.K, rows))
-        dist = TanhNormal(dist.mean[:, -1].cpu(), dist.log_std[:, -1].cpu())  # (B', A): policy at the current step
-        a = dist.sample(gen) if j < n_sampled else dist.mode
-        if j < n_sampled:
-            logp[rows, j], valid[rows, j] = dist.log_prob(a), True
+        dist = model.last_step(ep.context(model.K, rows))
+        dist = TanhNormal(dist.mean.cpu(), dist.log_std.cpu())  # (B', A)
         uncertainty[rows, j] = dist.log_std.mean(-1)
+        if j < n_sampled:
+            dist = dist.scaled(std_scale)
+            a = dist.sample(gen)
+            logp[rows, j] = dist.log_prob(a)
+            valid[rows, j] = True
+        else:
+            a = dist.mode
         if snapshots is not None:
             snapshots.append(get_snapshot(envs[0]))
-        out = [envs[b].unwrapped.step(a_b) for b, a_b in zip(rows.tolist(), a.numpy())]
-        obs = np.stack([o[0] for o in out])  # (B', S)
-        r = torch.tensor([o[1] for o in out], dtype=torch.float32)  # (B',)
-        terminated = torch.tensor([o[2] for o in out])  # (B',)
-        t = ep.t[rows]
-        ep.actions[rows, t], ep.rewards[rows, t] = a, r
-        ep.states[rows, t + 1], ep.rtg[rows, t + 1] = normalise(obs, data), ep.rtg[rows, t] - r * reward_scale
-        ep.t[rows] = t + 1
-        ep.done[rows] = terminated | (t + 1 >= T)
+        steps = [envs[b].unwrapped.step(a_b) for b, a_b in zip(rows.tolist(), a.numpy())]
+        ep.record(rows, a, np.stack([s[0] for s in steps]), torch.tensor([s[1] for s in steps], dtype=torch.float32),
+                  torch.tensor([s[2] for s in steps]))
         env_steps += len(rows)
     return dict(logp=logp, valid=valid, uncertainty=uncertainty, env_steps=env_steps)
 
 
-def reset_envs(envs: list, seeds: list[int]) -> np.ndarray:
-    """Reset each env with its seed; returns the observations (B, S)."""
-    return np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
+def play_episodes(model: DecisionTransformer, envs: list, seeds: list[int], target: float, data: Dataset,
+                  gen: torch.Generator, std_scale: float = 1.0, snapshots: Optional[list] = None) -> tuple[Episodes, dict]:
+    """Reset envs[b] with seeds[b] and play whole episodes conditioned on `target`: sampled
+    actions (std scaled by std_scale), or mean actions if std_scale = 0. Used by GRPO's
+    trajectory, its full-episode ablation, the ODT baseline and evaluation."""
+    envs = envs[: len(seeds)]
+    T = envs[0].spec.max_episode_steps
+    ep = Episodes.start(np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]), target, T, data)
+    out = rollout(model, envs, ep, T, T if std_scale > 0 else 0, gen, snapshots, std_scale)
+    return ep, out
 
 
 # =============================================================================================
@@ -794,21 +631,34 @@ def reset_envs(envs: list, seeds: list[int]) -> np.ndarray:
 #   (e) clipped surrogate with one importance ratio per sub-trajectory, plus an entropy bonus;
 #   (f) train on the RTG tokens that were fed during the rollout: with hindsight relabeling the
 #       ratio's denominator would not be the distribution that sampled the action.
-def reset_point_probs(uncertainty: torch.Tensor, active: bool, temperature: float) -> torch.Tensor:
-    """Probability of each trajectory step as a reset point. (T,) -> (T,)
+def choose_reset_points(uncertainty: torch.Tensor, n: int, rule: str, temperature: float,
+                        gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b) Draw n reset steps along a trajectory from its uncertainty profile (T,). Returns the
+    steps (n,) and each step's probability (T,).
 
     [paper] active sampling favours uncertain states; the exact rule is not published.
-    [ours] softmax of the standardised uncertainty / temperature, so that temperature means the
-    same on every env; inactive = uniform.
+    [ours] `uncertainty`: softmax of the standardised uncertainty / temperature, so that the
+    temperature means the same on every env; `uniform`: every step alike. With replacement
+    only when the trajectory has fewer than n steps.
     """
-    if not active or len(uncertainty) < 2:
-        return torch.full_like(uncertainty, 1 / len(uncertainty))
-    z = (uncertainty - uncertainty.mean()) / (uncertainty.std() + 1e-8)
-    return torch.softmax(z / temperature, dim=0)
+    if rule == "uniform" or len(uncertainty) < 2:
+        probs = torch.full_like(uncertainty, 1 / len(uncertainty))
+    else:
+        z = (uncertainty - uncertainty.mean()) / (uncertainty.std() + 1e-8)
+        probs = torch.softmax(z / temperature, dim=0)
+    return torch.multinomial(probs, n, replacement=len(probs) < n, generator=gen), probs
+
+
+def score_rollouts(ep: Episodes, t0: torch.Tensor) -> torch.Tensor:
+    """(c) R_i: the rewards of the steps rollout i took after its reset step t0, up to its end
+    (L + L_eval steps, termination or the time limit). (B,) [paper]"""
+    steps = torch.arange(ep.rewards.shape[1])[None, :]  # (1, T+1)
+    taken = (steps >= t0[:, None]) & (steps < ep.t[:, None])  # (B, T+1)
+    return (ep.rewards * taken).sum(1)
 
 
 def group_advantages(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """GRPO advantages: Â_i = (R_i - mean_group R) / (std_group R + eps). (N, G) -> (N, G)
+    """(d) GRPO advantages: Â_i = (R_i - mean_group R) / (std_group R + eps). (N, G) -> (N, G)
 
     The group mean is the baseline; no critic [paper]. A group whose scores are all equal
     gives exactly zero: it carries no signal about which actions were better.
@@ -817,8 +667,94 @@ def group_advantages(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return centred / (scores.std(1, unbiased=False, keepdim=True) + eps)
 
 
+@dataclass
+class GroupBatch:
+    """What one GRPO iteration collected: N*G rollouts of L sampled actions each."""
+
+    ep: Episodes  # (B = N*G) rollout histories (whose rows the contexts are cut from)
+    t0: torch.Tensor  # (B,) reset step of each rollout
+    logp_old: torch.Tensor  # (B, L) log π_old of the sampled actions, recorded while acting (L = T with --full-episodes)
+    valid: torch.Tensor  # (B, L) bool, False after the episode ended
+    scores: torch.Tensor  # (N, G) R_i
+    adv: torch.Tensor  # (B,) group advantages
+
+    def windows(self, rows: torch.Tensor, K: int) -> tuple[Context, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The exact context windows under which the sampled actions of `rows` were taken, for the
+        valid steps only (an episode may end before L): Context of V windows, actions (V, A), and
+        (i, j) such that window v is sampled step j of rollout rows[i]."""
+        i, j = self.valid[rows].nonzero(as_tuple=True)  # (V,), (V,)
+        r, t = rows[i], self.t0[rows[i]] + j
+        return self.ep.context(K, r, t), self.ep.actions[r, t], (i, j)
+
+
+def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float,
+                   gen: torch.Generator, rng: np.random.Generator) -> tuple[GroupBatch, dict]:
+    """Steps (a)-(d) of one GRPO iteration; returns the batch and rollout statistics."""
+    if args.full_episodes:
+        return collect_full_episodes(args, model, envs, data, target, gen, rng)
+    N, G, L = args.reset_points, args.group_size, args.traj_len
+    # (a) one trajectory of the current policy, with a snapshot at every step.
+    snapshots: list = []
+    traj, traj_out = play_episodes(model, envs, [int(rng.integers(2**31))], target, data, gen, args.traj_std_scale,
+                                   snapshots)
+    n = int(traj.t[0])
+    # (b) reset points: active sampling by the policy's uncertainty along the trajectory.
+    t0, _ = choose_reset_points(traj_out["uncertainty"][0, :n], N, args.reset_rule, args.reset_temperature, gen)
+    # (c) G rollouts from each reset point: same simulator state, same DT context.
+    t0 = t0.repeat_interleave(G)  # (N*G,)
+    ep = traj.branch(0, t0)
+    for env, t in zip(envs[: N * G], t0.tolist()):
+        set_snapshot(env, snapshots[t])
+    x_start = np.array([env.unwrapped.data.qpos[0] for env in envs[: N * G]])
+    group_out = rollout(model, envs[: N * G], ep, L + args.eval_len, L, gen, std_scale=args.explore_std_scale)
+    scores = score_rollouts(ep, t0).view(N, G)
+    # Diagnostics (each key is a metrics.csv column): where the reset points fall along the
+    # trajectory, and what the scores are made of: falls, and forward progress in metres.
+    x_end = np.array([env.unwrapped.data.qpos[0] for env in envs[: N * G]])
+    full = torch.clamp(envs[0].spec.max_episode_steps - t0, max=L + args.eval_len)  # (N*G,) steps if it stays up
+    stats = dict(traj_return=traj.rewards[0].sum().item(), traj_len=n,
+                 traj_log_std=traj_out["uncertainty"][0, :n].mean().item(),
+                 t0_mean=t0.float().mean().item(), t0_max=int(t0.max()),
+                 fell=(ep.t - t0 < full).float().mean().item(), forward=float(np.mean(x_end - x_start)))
+    return finish_groups(args, ep, t0, group_out, scores, traj_out["env_steps"] + group_out["env_steps"], stats)
+
+
+def collect_full_episodes(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float,
+                          gen: torch.Generator, rng: np.random.Generator) -> tuple[GroupBatch, dict]:
+    """Ablation --full-episodes: G whole episodes from each of N start states (the same seed gives
+    the same start state), every action sampled, each scored by its episode return."""
+    N, G = args.reset_points, args.group_size
+    seeds = [int(s) for s in rng.integers(2**31, size=N) for _ in range(G)]
+    ep, out = play_episodes(model, envs, seeds, target, data, gen, args.explore_std_scale)
+    t0 = torch.zeros(N * G, dtype=torch.long)
+    scores = score_rollouts(ep, t0).view(N, G)
+    return finish_groups(args, ep, t0, out, scores, out["env_steps"], dict(traj_return=scores.mean().item()))
+
+
+def finish_groups(args: Args, ep: Episodes, t0: torch.Tensor, out: dict, scores: torch.Tensor, env_steps: int,
+                  stats: dict) -> tuple[GroupBatch, dict]:
+    """(d) group-relative advantages, and (f) the RTG tokens to train on: those fed, unless the
+    --hindsight-relabel ablation rewrites them."""
+    adv = group_advantages(scores).view(-1)
+    if args.hindsight_relabel:
+        ep = hindsight_relabel(ep)
+    spread = scores.std(1, unbiased=False)  # (N,) within-group score std
+    stats.update(env_steps=env_steps, group_score=scores.mean().item(), score_std=spread.mean().item(),
+                 zero_spread=(spread == 0).float().mean().item())
+    return GroupBatch(ep, t0, out["logp"], out["valid"], scores, adv), stats
+
+
+def hindsight_relabel(ep: Episodes) -> Episodes:
+    """ODT's hindsight return relabeling, as the paper's negative ablation: RTG tokens become the
+    (scaled) return each rollout actually achieved from that step on. Nothing else changes.
+
+    The actions were sampled under the *original* tokens, so π_old(a | relabelled context) is not
+    the distribution a came from and the importance ratios are wrong [paper]."""
+    return dataclasses.replace(ep, rtg=returns_to_go(ep.rewards) * ep.data.reward_scale)
+
+
 def log_ratios(logp_new: torch.Tensor, logp_old: torch.Tensor, valid: torch.Tensor, mode: str) -> torch.Tensor:
-    """Log importance ratios. (B, L) -> (B,) for 'joint'/'mean', (B, L) for 'token'.
+    """(e) Log importance ratios. (B, L) -> (B,) for 'joint'/'mean', (B, L) for 'token'.
 
     joint [paper]: log ρ_i = Σ_t log π_θ(a_t|c_t) - log π_old(a_t|c_t) over the sampled actions.
     mean (GSPO): that sum divided by the number of sampled actions.
@@ -841,96 +777,28 @@ def grpo_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, valid: torc
                      mode: str, clip_eps: float) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate of one minibatch, and its diagnostics.
     logp_new, logp_old, valid: (B, L); adv: (B,). Averaged over rollouts for the sequence
-    ratios, over valid actions for the token ratio."""
-    lr_ = log_ratios(logp_new, logp_old, valid, mode)
+    ratios, over valid actions for the token ratio (each action weighs once)."""
+    log_rho = log_ratios(logp_new, logp_old, valid, mode)  # (B,) or (B, L)
     if mode == "token":
-        adv, w = adv[:, None], valid
+        adv, weight = adv[:, None], valid
     else:
-        w = torch.ones_like(lr_)
-    loss = (clipped_surrogate(lr_, adv, clip_eps) * w).sum() / w.sum()
+        weight = torch.ones_like(log_rho)
+    loss = (clipped_surrogate(log_rho, adv, clip_eps) * weight).sum() / weight.sum()
     with torch.no_grad():
-        token_lr = (logp_new - logp_old) * valid
-        stat = dict(abs_log_ratio=((lr_.abs() * w).sum() / w.sum()).item(),
-                    clip_frac=((((lr_.exp() - 1).abs() > clip_eps) * w).sum() / w.sum()).item(),
+        token_log_rho = (logp_new - logp_old) * valid
+        stat = dict(abs_log_ratio=((log_rho.abs() * weight).sum() / weight.sum()).item(),
+                    clip_frac=((((log_rho.exp() - 1).abs() > clip_eps) * weight).sum() / weight.sum()).item(),
                     # k3 estimator of KL(π_old || π_θ) per action (Schulman 2020)
-                    approx_kl=((token_lr.exp() - 1 - token_lr) * valid).sum().item() / valid.sum().item())
+                    approx_kl=((token_log_rho.exp() - 1 - token_log_rho) * valid).sum().item() / valid.sum().item())
     return loss, stat
 
 
-@dataclass
-class GroupBatch:
-    """What one GRPO iteration collected: N*G rollouts of L sampled actions each."""
-
-    ep: Episodes  # (B = N*G) rollout histories (whose rows the contexts are cut from)
-    t0: torch.Tensor  # (B,) reset step of each rollout
-    logp_old: torch.Tensor  # (B, L) log π_old of the sampled actions, recorded while acting (L = T with --full-episodes)
-    valid: torch.Tensor  # (B, L) bool, False after the episode ended
-    scores: torch.Tensor  # (N, G) sum of rewards over the L + L_eval steps
-    adv: torch.Tensor  # (B,) group advantages
-
-    def windows(self, rows: torch.Tensor, K: int) -> tuple[Context, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The exact context windows under which the sampled actions of `rows` were taken, for the
-        valid steps only (an episode may end before L): Context of V windows, actions (V, A), and
-        (i, j) such that window v is sampled step j of rollout rows[i]."""
-        i, j = self.valid[rows].nonzero(as_tuple=True)  # (V,), (V,)
-        r, t = rows[i], self.t0[rows[i]] + j
-        return self.ep.context(K, r, t), self.ep.actions[r, t], (i, j)
-
-
-def hindsight_relabel(ep: Episodes, reward_scale: float) -> Episodes:
-    """ODT's hindsight return relabeling, as the paper's negative ablation: RTG tokens become the
-    (scaled) return each rollout actually achieved from that step on. Nothing else changes.
-
-    The actions were sampled under the *original* tokens, so π_old(a | relabelled context) is not
-    the distribution a came from and the importance ratios are wrong [paper]."""
-    return dataclasses.replace(ep, rtg=returns_to_go(ep.rewards) * reward_scale)
-
-
-def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float,
-                   gen: torch.Generator, rng: np.random.Generator) -> tuple[GroupBatch, dict]:
-    """Steps (a)-(d) of one GRPO iteration; returns the batch and rollout statistics."""
-    N, G, L, T = args.reset_points, args.group_size, args.traj_len, envs[0].spec.max_episode_steps
-    if args.full_episodes:  # ablation: G whole episodes from each of N start states, all actions sampled
-        seeds = [int(s) for s in rng.integers(2**31, size=N) for _ in range(G)]  # same seed = same start state
-        ep = Episodes.start(reset_envs(envs[: N * G], seeds), target, T, data, args.reward_scale)
-        t0 = torch.zeros(N * G, dtype=torch.long)
-        grp = rollout(model, envs[: N * G], ep, T, T, data, args.reward_scale, gen)
-        scores = ep.rewards.sum(1).view(N, G)
-        env_steps, traj_return = grp["env_steps"], scores.mean().item()
-    else:
-        # (a) one trajectory of the current (stochastic) policy, with a snapshot at every step.
-        snapshots: list = []
-        traj = Episodes.start(reset_envs(envs[:1], [int(rng.integers(2**31))]), target, T, data, args.reward_scale)
-        out = rollout(model, envs[:1], traj, T, T, data, args.reward_scale, gen, snapshots)
-        n, traj_return = int(traj.t[0]), traj.rewards[0].sum().item()
-        # (b) reset points: active sampling by the policy's uncertainty along the trajectory.
-        probs = reset_point_probs(out["uncertainty"][0, :n], args.active_sampling, args.active_temperature)
-        t0 = torch.multinomial(probs, N, replacement=n < N, generator=gen)  # (N,)
-        # (c) G rollouts from each reset point: same simulator state, same DT context.
-        t0 = t0.repeat_interleave(G)  # (N*G,)
-        ep = traj.branch(0, t0)
-        for env, t in zip(envs[: N * G], t0.tolist()):
-            set_snapshot(env, snapshots[t])
-        grp = rollout(model, envs[: N * G], ep, L + args.eval_len, L, data, args.reward_scale, gen)
-        steps = torch.arange(T + 1)[None, :]
-        scored = (steps >= t0[:, None]) & (steps < ep.t[:, None])  # steps taken by each rollout
-        scores = (ep.rewards * scored).sum(1).view(N, G)  # (N, G)
-        env_steps = out["env_steps"] + grp["env_steps"]
-    # (d) group-relative advantages.
-    adv = group_advantages(scores).view(-1)
-    if args.hindsight_relabel:
-        ep = hindsight_relabel(ep, args.reward_scale)
-    stats = dict(env_steps=env_steps, traj_return=traj_return,
-                 group_score=scores.mean().item(), adv_std=scores.std(1, unbiased=False).mean().item())
-    return GroupBatch(ep, t0, grp["logp"], grp["valid"], scores, adv), stats
-
-
-def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor,
+                    std_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_θ of the sampled actions of rollouts `rows` under their exact rollout contexts,
     (len(rows), L) with zeros at invalid steps, and the mean entropy estimate over those steps."""
     ctx, actions, (i, j) = batch.windows(rows, model.K)
-    dist = model(ctx)
-    dist = TanhNormal(dist.mean[:, -1], dist.log_std[:, -1])  # (V, A): the policy at each window's last step
+    dist = model.last_step(ctx).scaled(std_scale)  # (V, A)
     logp = torch.zeros(len(rows), batch.logp_old.shape[1]).index_put((i, j), dist.log_prob(actions.to(dist.mean.device)).cpu())
     return logp, dist.rsample_entropy().mean().cpu()
 
@@ -943,9 +811,9 @@ def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimiz
     model.eval()
     rows_all = (batch.adv != 0).nonzero().squeeze(1)
     stats: dict[str, list] = dict(abs_log_ratio=[], clip_frac=[], approx_kl=[], entropy=[])
-    for _ in range(args.epochs):
+    for _ in range(args.epochs if len(rows_all) else 0):  # no update at all if every group has zero spread
         for rows in rows_all[torch.randperm(len(rows_all), generator=gen)].split(args.minibatch_size):
-            logp_new, entropy = batch_log_probs(model, batch, rows)
+            logp_new, entropy = batch_log_probs(model, batch, rows, args.explore_std_scale)
             valid = batch.valid[rows].float()
             policy_loss, stat = grpo_policy_loss(logp_new, batch.logp_old[rows], valid, batch.adv[rows],
                                                  args.ratio, args.clip_eps)
@@ -993,11 +861,9 @@ def odt_explore(args: Args, model: DecisionTransformer, envs: list, data: Datase
                 gen: torch.Generator, rng: np.random.Generator) -> dict:
     """args.odt_episodes stochastic episodes conditioned on `target`, relabelled in hindsight and
     added to the buffer, whose oldest trajectories make room (FIFO, as ODT)."""
-    B, T = args.odt_episodes, envs[0].spec.max_episode_steps
-    ep = Episodes.start(reset_envs(envs[:B], [int(s) for s in rng.integers(2**31, size=B)]), target, T, data,
-                        args.reward_scale)
-    out = rollout(model, envs[:B], ep, T, T, data, args.reward_scale, gen)
-    relabelled = hindsight_relabel(ep, args.reward_scale)
+    seeds = [int(s) for s in rng.integers(2**31, size=args.odt_episodes)]
+    ep, out = play_episodes(model, envs, seeds, target, data, gen)
+    relabelled = hindsight_relabel(ep)
     for b, n in enumerate(ep.t.tolist()):
         buffer.append(dict(states=ep.states[b, :n], actions=ep.actions[b, :n], rtg=relabelled.rtg[b, :n]))
     del buffer[: max(0, len(buffer) - args.odt_buffer)]
@@ -1012,9 +878,10 @@ def odt_train(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer
     model.train()
     losses, entropies = [], []
     for _ in range(args.odt_updates):
-        ctx = replay.sample(args.batch_size, args.context_len, gen).to(args.device)
+        ctx = replay.sample(args.batch_size, model.K, gen).to(args.device)
         loss, entropy = odt_update(model, opt, log_temp, temp_opt, ctx, args.grad_clip, where)
-        losses.append(loss), entropies.append(entropy)
+        losses.append(loss)
+        entropies.append(entropy)
     model.eval()
     return dict(loss=float(np.mean(losses)), entropy=float(np.mean(entropies)), temperature=log_temp.exp().item())
 
@@ -1028,46 +895,350 @@ def normalised_score(env_id: str, returns: np.ndarray) -> np.ndarray:
     return 100 * (returns - c["ref_min"]) / (c["ref_max"] - c["ref_min"])
 
 
-def evaluate(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float) -> np.ndarray:
-    """Returns of args.eval_episodes mean-action episodes, run together. Seeds are fixed so that
-    every evaluation of a run sees the same start states. (eval_episodes,)"""
-    envs = envs[: args.eval_episodes]
-    T = envs[0].spec.max_episode_steps
-    obs = reset_envs(envs, [10_000 + args.seed * 1000 + i for i in range(len(envs))])
-    ep = Episodes.start(obs, target, T, data, args.reward_scale)
-    rollout(model, envs, ep, T, 0, data, args.reward_scale, torch.Generator())
-    return ep.rewards.sum(1).numpy()
+def evaluate(args: Args, model: DecisionTransformer, envs: list, data: Dataset,
+             target: float) -> tuple[np.ndarray, np.ndarray]:
+    """Returns of args.eval_episodes mean-action episodes, run together, and how far each moved
+    forward (x of the root body, m: a hopper that stands earns ~1000 and moves ~0). Seeds are
+    fixed so that every evaluation of a run sees the same start states. (E,), (E,)"""
+    seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]
+    envs = envs[: len(seeds)]
+    ep, _ = play_episodes(model, envs, seeds, target, data, torch.Generator(), std_scale=0)
+    x_end = np.array([env.unwrapped.data.qpos[0] for env in envs])
+    x_start = np.array([env.unwrapped.init_qpos[0] for env in envs])
+    return ep.rewards.sum(1).numpy(), x_end - x_start
 
 
 # =============================================================================================
-# Main: run directory, metrics, checkpoints, the whole pipeline
+# The training loop: GRPO (or ODT) iterations, evaluation, checkpoints
 # =============================================================================================
+def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, envs: list, data: Dataset,
+             metrics: "Metrics", saver: "Checkpointer", target: float, gen: torch.Generator, rng: np.random.Generator,
+             resume_from: Optional[dict] = None) -> tuple[float, int]:
+    """GRPO (or ODT) iterations until the env-step budget is spent; evaluates every args.eval_every
+    env steps. `resume_from`: a checkpoint to continue from. Returns the last normalised score
+    and the env steps used. Both algorithms count every env.step, so they compare at equal env steps."""
+    online_target = args.online_target_return if args.online_target_return is not None else target
+    opt = torch.optim.AdamW(model.parameters(), lr=args.online_lr, weight_decay=args.weight_decay)
+    temp_opt = temperature_optimiser(log_temp)  # ODT keeps learning its temperature online
+    buffer = best_trajectories(data, args.odt_buffer) if args.algo == "odt" else []
+    env_steps, it, next_eval, score = 0, 0, args.eval_every, float("nan")
+    if resume_from is not None and "opt" in resume_from:
+        opt.load_state_dict(resume_from["opt"])
+        temp_opt.load_state_dict(resume_from["temp_opt"])
+        buffer, env_steps, it = resume_from["buffer"], resume_from["env_steps"], resume_from["step"]
+        next_eval, score = resume_from["next_eval"], resume_from["score"]
+    bar = tqdm(total=args.online_steps, initial=min(env_steps, args.online_steps), desc=args.algo.upper(), unit="step")
+    while env_steps < args.online_steps:
+        tic, where = time.time(), f"{args.algo.upper()} iteration {it + 1}"
+        if args.algo == "grpo":
+            batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng)
+            collected = time.time()
+            stats.update(grpo_update(args, model, opt, batch, gen, where))
+        else:
+            stats = odt_explore(args, model, envs, data, buffer, online_target, gen, rng)
+            collected = time.time()
+            stats.update(odt_train(args, model, opt, log_temp, temp_opt, buffer, data, gen, where))
+        stats.update(rollout_s=collected - tic, update_s=time.time() - collected)
+        env_steps, it = env_steps + stats.pop("env_steps"), it + 1
+        metrics.write(phase=args.algo, step=it, env_steps=env_steps, **stats)
+        evaluated = env_steps >= next_eval or env_steps >= args.online_steps
+        if evaluated:
+            returns, forward = evaluate(args, model, envs, data, target)
+            score = float(normalised_score(args.env, returns).mean())
+            metrics.write(phase="eval", step=it, env_steps=env_steps, norm_score=score, eval_forward=forward.mean(),
+                          **{"return": returns.mean()})
+            plot_curves(metrics, args.env)
+            next_eval = (env_steps // args.eval_every + 1) * args.eval_every
+        bar.update(min(env_steps, args.online_steps) - bar.n)
+        bar.set_postfix(score=f"{score:.1f}", ret=f"{stats['traj_return']:.0f}")
+        saver.maybe_save("online", force=evaluated, step=it, env_steps=env_steps, next_eval=next_eval, score=score,
+                         opt=opt.state_dict(), temp_opt=temp_opt.state_dict(), buffer=buffer)
+    bar.close()
+    return score, env_steps
+
+
+# =============================================================================================
+# Plumbing: argument checks, dataset download / fallback / rebuild, metrics and curves,
+# checkpoints and resume, the pipeline, main
+# =============================================================================================
+class UserError(Exception):
+    """Bad input from the user: printed as one line on stderr, exit code 2, no traceback."""
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[dt_grpo] {msg}", file=sys.stderr)
+
+
+def warn_loudly(msg: str) -> None:
+    bar = "!" * 88
+    tqdm.write(f"{bar}\n[dt_grpo] WARNING: {msg}\n{bar}", file=sys.stderr)
+
+
+def env_family(env_id: str) -> str:
+    return env_id.split("-v")[0]
+
+
+def check_args(args: Args) -> None:
+    """Reject nonsense numbers before any work is done."""
+    for name in ("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "eval_len"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "reset_points",
+                 "traj_len", "epochs", "minibatch_size", "eval_episodes", "eval_every", "odt_episodes",
+                 "odt_updates", "odt_buffer"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.group_size < 2:
+        raise UserError(f"--group-size must be >= 2, got {args.group_size}: a group of one is its own baseline, "
+                        "so every advantage would be 0 and GRPO would learn nothing")
+    for name in ("lr", "online_lr", "reward_scale", "init_temperature", "reset_temperature", "grad_clip",
+                 "explore_std_scale"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.traj_std_scale >= 0:
+        raise UserError(f"--traj-std-scale must be >= 0, got {args.traj_std_scale}")
+    if not args.checkpoint_interval >= 0:
+        raise UserError(f"--checkpoint-interval must be >= 0 seconds, got {args.checkpoint_interval}")
+    if args.resume is not None and args.init_checkpoint is not None:
+        raise UserError("--resume continues a run; --init-checkpoint starts a new one: give only one")
+    for name in ("target_return", "online_target_return"):
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 < args.clip_eps < 1:
+        raise UserError(f"--clip-eps must be in (0, 1), got {args.clip_eps}")
+    prefix = f"local/{env_family(args.env).lower()}-"
+    if args.dataset is not None and args.dataset.startswith("local/") and not args.dataset.startswith(prefix):
+        raise UserError(f"--dataset {args.dataset} would be built from {args.env} steps under another env's name; "
+                        f"a local dataset for {args.env} must be named {prefix}...-vN, e.g. {prefix}random-v0")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {args.device!r} is not usable here ({str(e).splitlines()[0]})") from None
+    if args.embed_dim % args.n_head:
+        raise UserError(f"--n-head {args.n_head} must divide --embed-dim {args.embed_dim}")
+
+
+def make_env(env_id: str) -> gym.Env:
+    """A Gymnasium MuJoCo env with a continuous (Box) action space, or a UserError saying why not."""
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"unknown environment {env_id!r} ({e})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Hopper-v4 is out of date": known, v4 is the D4RL-era env
+        env = gym.make(spec)
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise UserError(f"{env_id} has a {type(env.action_space).__name__} action space; "
+                        "the tanh-Gaussian policy needs a continuous Box action space")
+    if not hasattr(env.unwrapped, "data") or not isinstance(env.unwrapped.data, mujoco.MjData):
+        raise UserError(f"{env_id} is not a MuJoCo environment; GRPO's exact resets need MuJoCo")
+    if env_family(env_id) not in ENV_TABLE:
+        raise UserError(f"no reference scores for {env_id}; supported families: {', '.join(ENV_TABLE)}")
+    return env
+
+
+def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int = 0) -> None:
+    """Write a Minari dataset of a uniform-random policy (the paper's "low-quality data" case).
+
+    `EpisodeBuffer` is filled directly with whole arrays: its `add_step_data` and
+    `minari.DataCollector` need jax, which we do not install. The dataset is written under a
+    temporary root and moved into place at the end, so a build killed half-way leaves nothing
+    that looks like a dataset. The seed is fixed, not the run's: every run that builds the
+    dataset gets the same one [ours].
+    """
+    env = make_env(env_id)
+    env.action_space.seed(seed)
+    buffers, steps, ep = [], 0, 0
+    with tqdm(total=n_steps, desc=f"building {dataset_id}", unit="step") as bar:
+        while steps < n_steps:
+            first_obs, _ = env.reset(seed=seed + ep)
+            transitions, done = [], False
+            while not done:
+                action = env.action_space.sample()
+                obs, reward, terminated, truncated, _ = env.step(action)
+                transitions.append((obs, action, reward, terminated, truncated))
+                done = terminated or truncated
+            obs, actions, rewards, terminations, truncations = map(np.array, zip(*transitions))
+            buffers.append(EpisodeBuffer(id=ep, seed=seed + ep, observations=np.concatenate([first_obs[None], obs]),
+                                         actions=actions, rewards=rewards, terminations=terminations,
+                                         truncations=truncations, infos={}))
+            steps, ep = steps + len(rewards), ep + 1
+            bar.update(len(rewards))
+    final = minari.storage.get_dataset_path(dataset_id)
+    root = minari.storage.get_dataset_path()
+    tmp_root = root / f".building-{os.getpid()}"
+    old_root = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)  # Minari reads its root from here on every call
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Minari asks for author / permalink metadata
+            minari.create_dataset_from_buffers(
+                dataset_id=dataset_id, buffer=buffers, env=env_id, algorithm_name="uniform-random",
+                author="dt-grpo", author_email="none", code_permalink="dt_grpo.py", data_format="hdf5",
+                description=f"{steps} steps of a uniform-random policy on {env_id}, built by dt_grpo.py")
+        shutil.rmtree(final, ignore_errors=True)  # a partial or corrupt earlier copy
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_root / dataset_id, final)
+    finally:
+        if old_root is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old_root
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Minari downloads from the Hugging Face hub; without a network its client retries for
+    ~23 s before failing. One short TCP connect tells us first. [ours]"""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_dataset(args: Args) -> str:
+    """The id of the dataset to pretrain on: --dataset, or the env's default. One that is not
+    cached is downloaded from the Minari hub; with no hub, the default falls back, loudly, to a
+    uniform-random dataset built here. A `local/` id is never downloaded."""
+    family = env_family(args.env)
+    dataset_id = args.dataset or ENV_TABLE[family]["dataset"]
+    if dataset_id.startswith("local/") or minari.storage.get_dataset_path(dataset_id).exists():
+        return dataset_id
+    if hub_reachable():
+        try:
+            minari.load_dataset(dataset_id, download=True)
+        except Exception as e:
+            raise UserError(f"cannot download dataset {dataset_id!r}: {e}") from None
+        return dataset_id
+    local_id = f"local/{family.lower()}-random-v0"
+    if args.dataset is not None:
+        raise UserError(f"dataset {args.dataset!r} is not cached and the Minari hub cannot be reached; "
+                        f"use --dataset {local_id} to pretrain on a locally built random dataset")
+    warn_loudly(f"dataset {dataset_id!r} is not cached and the Minari hub cannot be reached.\n"
+                f"[dt_grpo] FALLING BACK to {local_id!r}: a uniform-random policy on {args.env} "
+                f"(built once, then reused).\n[dt_grpo] Scores are then those of the low-quality-data "
+                f"setting, not of {dataset_id}.")
+    return local_id
+
+
+def read_dataset(args: Args, dataset_id: str) -> tuple[minari.MinariDataset, list]:
+    """Open a cached dataset and read all its episodes. A `local/` dataset that is missing is
+    built; one that is partial or corrupt (a killed build, a truncated file) is rebuilt, loudly.
+    A broken downloaded dataset is the user's to delete: it cannot be downloaded here."""
+    existed = minari.storage.get_dataset_path(dataset_id).exists()
+    try:
+        ds = minari.load_dataset(dataset_id)
+        episodes = list(ds.iterate_episodes())  # a truncated file may open and fail only here
+        if len(episodes) != ds.total_episodes:
+            raise ValueError(f"{len(episodes)} of {ds.total_episodes} episodes readable")
+        return ds, episodes
+    except Exception as e:
+        if not dataset_id.startswith("local/"):
+            raise UserError(f"cached dataset {dataset_id!r} cannot be read ({e}); delete it with "
+                            f"`minari delete {dataset_id}` and run again to download it") from None
+        if existed:
+            warn_loudly(f"cached dataset {dataset_id!r} is partial or corrupt ({type(e).__name__}: {e}).\n"
+                        f"[dt_grpo] REBUILDING it from scratch.")
+    if args.random_dataset_steps <= 0:
+        raise UserError(f"--random-dataset-steps must be > 0 to build {dataset_id}")
+    log(f"building {dataset_id}: {args.random_dataset_steps} uniform-random steps on {args.env}")
+    build_random_dataset(dataset_id, args.env, args.random_dataset_steps)
+    ds = minari.load_dataset(dataset_id)
+    return ds, list(ds.iterate_episodes())
+
+
+def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
+    """Find or build the Minari dataset, check it fits the env, and flatten it for window sampling."""
+    dataset_id = resolve_dataset(args)
+    ds, episodes = read_dataset(args, dataset_id)
+    obs_shape, act_shape = ds.observation_space.shape, ds.action_space.shape
+    if obs_shape != env.observation_space.shape or act_shape != env.action_space.shape:
+        raise UserError(f"dataset {dataset_id} does not fit {args.env}: its observations/actions are "
+                        f"{obs_shape}/{act_shape}, the env's {env.observation_space.shape}/{env.action_space.shape}")
+    recorded_on = ds.spec.env_spec.id if ds.spec.env_spec is not None else "unknown"
+    if recorded_on != args.env:
+        log(f"dataset {dataset_id} was recorded on {recorded_on} and we finetune on {args.env}; "
+            "their observation and action spaces match")
+    data = Dataset.from_episodes(episodes, args.reward_scale)
+    log(f"dataset {dataset_id}: {len(data.episode_returns)} episodes, {len(data.rtg)} steps, "
+        f"return mean {data.episode_returns.mean():.1f} max {data.episode_returns.max():.1f}")
+    return data, dataset_id
+
+
+class NonFiniteError(Exception):
+    """A non-finite loss, gradient or ratio: the update is not applied and the run stops."""
+
+
+def check_finite(where: str, **values: torch.Tensor) -> None:
+    for name, v in values.items():
+        if not torch.isfinite(v).all():
+            raise NonFiniteError(f"non-finite {name} at {where}; the update was not applied")
+
+
 class Metrics:
-    """Append-only CSV with a fixed header: one row per logged event, blanks where n/a. On resume
-    it keeps the first `keep_rows` rows (those the checkpoint had seen) and continues the clock."""
-
-    FIELDS = ["phase", "step", "env_steps", "wall_time_s", "loss", "temperature", "entropy", "return",
-              "norm_score", "traj_return", "group_score", "adv_std", "abs_log_ratio", "clip_frac", "approx_kl",
-              "rollout_s", "update_s"]
+    """metrics.csv: one row per logged event, blanks where n/a. The columns are the keys seen so
+    far: a new key adds a column (the file is rewritten with the wider header), so a new
+    diagnostic is one more key in a stats dict. On resume it keeps the first `keep_rows` rows
+    (those the checkpoint had seen) and continues the clock."""
 
     def __init__(self, path: Path, keep_rows: Optional[int] = None, elapsed_s: float = 0.0):
         self.path, self.t_start = path, time.time() - elapsed_s
-        rows = [self.FIELDS]
+        self.fields, self.rows = ["phase", "step", "env_steps", "wall_time_s"], []
         if keep_rows is not None:
             with open(path, newline="") as f:
-                rows = list(csv.reader(f))[: keep_rows + 1]
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows(rows)
-        self.rows = len(rows) - 1
+                reader = csv.DictReader(f)
+                self.fields, self.rows = list(reader.fieldnames), list(reader)[:keep_rows]
+        self.rewrite()
+
+    def rewrite(self) -> None:
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
 
     def elapsed(self) -> float:
         return time.time() - self.t_start
 
     def write(self, **row) -> None:
         row["wall_time_s"] = round(self.elapsed(), 2)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.FIELDS).writerow(row)
-        self.rows += 1
+        self.rows.append(row)
+        new = [k for k in row if k not in self.fields]
+        if new:
+            self.fields += new
+            self.rewrite()
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.fields).writerow(row)
+
+
+def plot_curves(metrics: Metrics, env_id: str) -> None:
+    """curves.png beside metrics.csv: the normalised score against env steps, and below it the
+    online diagnostics (the ratio's clip fraction and |log ρ|, the entropy estimate)."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe inside a notebook
+
+    def column(phase: str, key: str) -> tuple[list, list]:
+        rows = [r for r in metrics.rows if r["phase"] == phase and r.get(key) not in (None, "")]
+        return [int(r["env_steps"]) for r in rows], [float(r[key]) for r in rows]
+
+    online = next((r["phase"] for r in metrics.rows if r["phase"] in ("grpo", "odt")), "grpo")
+    fig = Figure(figsize=(8, 7), layout="constrained")
+    score, ratio, entropy = fig.subplots(3, 1, sharex=True)
+    score.plot(*column("eval", "norm_score"), "o-")
+    score.set(ylabel="normalised score", title=f"{env_id}: {metrics.path.parent.name}")
+    for key in ("clip_frac", "abs_log_ratio"):
+        ratio.plot(*column(online, key), label=key)
+    ratio.legend(loc="upper right")
+    ratio.set(ylabel="importance ratio")
+    entropy.plot(*column(online, "entropy"))
+    entropy.set(ylabel="entropy estimate (nats)", xlabel="online env steps")
+    for ax in (score, ratio, entropy):
+        ax.grid(alpha=0.3)
+    fig.savefig(metrics.path.with_name("curves.png"), dpi=80)
 
 
 class Interrupted(Exception):
@@ -1096,25 +1267,25 @@ class Checkpointer:
         self.stop = True
         log("Ctrl-C: saving a checkpoint after the current update (Ctrl-C again to quit without it)")
 
-    def save(self, phase: str, **state) -> None:
+    def save(self, phase: str, **progress) -> None:
         for name, p in self.model.state_dict().items():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise NonFiniteError(f"weights {name} are not finite; not saved")
         ckpt = dict(args=dataclasses.asdict(self.args), dataset=self.dataset_id, phase=phase,
                     model=self.model.state_dict(), log_temp=self.log_temp.detach().cpu(),
                     state_mean=self.data.state_mean, state_std=self.data.state_std, info=self.info,
-                    metrics_rows=self.metrics.rows, elapsed_s=self.metrics.elapsed(),
+                    metrics_rows=len(self.metrics.rows), elapsed_s=self.metrics.elapsed(),
                     rng=dict(torch=torch.get_rng_state(), gen=self.gen.get_state(), numpy=self.rng.bit_generator.state),
-                    **state)
+                    **progress)
         tmp = self.path.with_suffix(".tmp")
         torch.save(ckpt, tmp)
         os.replace(tmp, self.path)
-        self.last, self.last_time = f"{self.path} ({phase} step {state['step']})", time.time()
+        self.last, self.last_time = f"{self.path} ({phase} step {progress['step']})", time.time()
 
-    def maybe_save(self, phase: str, force: bool = False, **state) -> None:
+    def maybe_save(self, phase: str, force: bool = False, **progress) -> None:
         """Save if forced, due, or asked by Ctrl-C; after a Ctrl-C, stop the run."""
         if force or self.stop or time.time() - self.last_time >= self.args.checkpoint_interval:
-            self.save(phase, **state)
+            self.save(phase, **progress)
         if self.stop:
             raise Interrupted
 
@@ -1155,48 +1326,6 @@ def resumed_args(args: Args, ckpt: dict) -> Args:
     return dataclasses.replace(saved, resume=args.resume)
 
 
-def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, envs: list, data: Dataset,
-             metrics: Metrics, ckpt: Checkpointer, target: float, gen: torch.Generator, rng: np.random.Generator,
-             state: Optional[dict] = None) -> tuple[float, int]:
-    """GRPO (or ODT) iterations until the env-step budget is spent; evaluates every args.eval_every
-    env steps. `state`: a checkpoint to continue from. Returns the last normalised score and the
-    env steps used. Both algorithms count every env.step, so they compare at equal env steps."""
-    online_target = args.online_target_return if args.online_target_return is not None else target
-    opt = torch.optim.AdamW(model.parameters(), lr=args.online_lr, weight_decay=args.weight_decay)
-    temp_opt = torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))  # ODT keeps learning T online
-    buffer = best_trajectories(data, args.odt_buffer) if args.algo == "odt" else []
-    env_steps, it, next_eval, score = 0, 0, args.eval_every, float("nan")
-    if state is not None and "opt" in state:
-        opt.load_state_dict(state["opt"]), temp_opt.load_state_dict(state["temp_opt"])
-        buffer, env_steps, it, next_eval, score = state["buffer"], state["env_steps"], state["step"], state["next_eval"], state["score"]
-    bar = tqdm(total=args.online_steps, initial=min(env_steps, args.online_steps), desc=args.algo.upper(), unit="step")
-    while env_steps < args.online_steps:
-        t0, where = time.time(), f"{args.algo.upper()} iteration {it + 1}"
-        if args.algo == "grpo":
-            batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng)
-            t1 = time.time()
-            stats.update(grpo_update(args, model, opt, batch, gen, where))
-        else:
-            stats = odt_explore(args, model, envs, data, buffer, online_target, gen, rng)
-            t1 = time.time()
-            stats.update(odt_train(args, model, opt, log_temp, temp_opt, buffer, data, gen, where))
-        stats.update(rollout_s=t1 - t0, update_s=time.time() - t1)
-        env_steps, it = env_steps + stats.pop("env_steps"), it + 1
-        metrics.write(phase=args.algo, step=it, env_steps=env_steps, **stats)
-        evaluated = env_steps >= next_eval or env_steps >= args.online_steps
-        if evaluated:
-            returns = evaluate(args, model, envs, data, target)
-            score = float(normalised_score(args.env, returns).mean())
-            metrics.write(phase="eval", step=it, env_steps=env_steps, norm_score=score, **{"return": returns.mean()})
-            next_eval = (env_steps // args.eval_every + 1) * args.eval_every
-        bar.update(min(env_steps, args.online_steps) - bar.n)
-        bar.set_postfix(score=f"{score:.1f}", ret=f"{stats['traj_return']:.0f}")
-        ckpt.maybe_save("online", force=evaluated, step=it, env_steps=env_steps, next_eval=next_eval, score=score,
-                        opt=opt.state_dict(), temp_opt=temp_opt.state_dict(), buffer=buffer)
-    bar.close()
-    return score, env_steps
-
-
 def run(args: Args) -> dict:
     """The whole pipeline: data, pretraining (or a checkpoint), evaluation, online finetuning,
     summary; or the continuation of an interrupted run (--resume)."""
@@ -1218,9 +1347,9 @@ def run(args: Args) -> dict:
     target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
     data, dataset_id = load_data(args, env)
     data_time_s = time.time() - t_start
-    src = resume or init
-    if src is not None:
-        check_checkpoint(src, Path(args.resume or args.init_checkpoint), args, dataset_id)
+    start_from = resume or init
+    if start_from is not None:
+        check_checkpoint(start_from, Path(args.resume or args.init_checkpoint), args, dataset_id)
     run_dir = Path(args.resume or args.run_dir or
                    f"runs/{args.env}__{args.algo}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1228,50 +1357,52 @@ def run(args: Args) -> dict:
     metrics = Metrics(run_dir / "metrics.csv", *((resume["metrics_rows"], resume["elapsed_s"]) if resume else ()))
     model = make_model(args, data.states.shape[1], data.actions.shape[1], env.spec.max_episode_steps)
     log_temp = torch.tensor(math.log(args.init_temperature), device=args.device)
-    if src is not None:
-        model.load_state_dict(src["model"])  # shapes were checked by check_checkpoint
-        log_temp = src["log_temp"].clone().to(args.device)
+    if start_from is not None:
+        model.load_state_dict(start_from["model"])  # shapes were checked by check_checkpoint
+        log_temp = start_from["log_temp"].clone().to(args.device)
     log_temp.requires_grad_(True)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     envs = [make_env(args.env) for _ in range(max(args.eval_episodes, args.reset_points * args.group_size,
                                                   args.odt_episodes))]
-    ckpt = Checkpointer(run_dir, args, dataset_id, model, data, log_temp, metrics, gen, rng)
+    saver = Checkpointer(run_dir, args, dataset_id, model, data, log_temp, metrics, gen, rng)
     if resume is not None:
-        torch.set_rng_state(resume["rng"]["torch"]), gen.set_state(resume["rng"]["gen"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        gen.set_state(resume["rng"]["gen"])
         rng.bit_generator.state = resume["rng"]["numpy"]
-        ckpt.info = resume["info"]
+        saver.info = resume["info"]
     phase = resume["phase"] if resume else "online" if init else "pretrain"
-    previous_handler = signal.signal(signal.SIGINT, ckpt.on_sigint)
+    previous_handler = signal.signal(signal.SIGINT, saver.on_sigint)
     try:
         if phase == "pretrain":
-            pretrain(args, model, data, metrics, gen, log_temp, ckpt, resume)
+            pretrain(args, model, data, metrics, gen, log_temp, saver, resume)
         if phase == "pretrain" or resume is None:  # evaluate the starting policy, then checkpoint it
-            returns = evaluate(args, model, envs, data, target)
-            ckpt.info.update(pretrained_score=float(normalised_score(args.env, returns).mean()),
-                             pretrain_time_s=metrics.elapsed())
-            metrics.write(phase="eval", step=0, env_steps=0, norm_score=ckpt.info["pretrained_score"],
-                          **{"return": returns.mean()})
-            log(f"starting policy: return {returns.mean():.1f}, normalised score {ckpt.info['pretrained_score']:.1f}")
-            ckpt.maybe_save("online", force=True, step=0)
+            returns, forward = evaluate(args, model, envs, data, target)
+            saver.info.update(pretrained_score=float(normalised_score(args.env, returns).mean()),
+                              pretrain_time_s=metrics.elapsed())
+            metrics.write(phase="eval", step=0, env_steps=0, norm_score=saver.info["pretrained_score"],
+                          eval_forward=forward.mean(), **{"return": returns.mean()})
+            log(f"starting policy: return {returns.mean():.1f}, normalised score {saver.info['pretrained_score']:.1f}")
+            saver.maybe_save("online", force=True, step=0)
             if init is None:
-                shutil.copyfile(ckpt.path, run_dir / "pretrained.pt")
-        final_score, env_steps = ckpt.info["pretrained_score"], 0
+                shutil.copyfile(saver.path, run_dir / "pretrained.pt")
+        final_score, env_steps = saver.info["pretrained_score"], 0
         if args.online_steps > 0:
-            final_score, env_steps = finetune(args, model, log_temp, envs, data, metrics, ckpt, target, gen, rng,
+            final_score, env_steps = finetune(args, model, log_temp, envs, data, metrics, saver, target, gen, rng,
                                               resume if phase == "online" else None)
     except Interrupted:
-        log(f"interrupted: checkpoint saved to {ckpt.path}; continue with `python dt_grpo.py --resume {run_dir}`")
+        log(f"interrupted: checkpoint saved to {saver.path}; continue with `python dt_grpo.py --resume {run_dir}`")
         sys.exit(130)
     except NonFiniteError as e:
-        raise NonFiniteError(f"{e}. Last good checkpoint: {ckpt.last}") from None
+        raise NonFiniteError(f"{e}. Last good checkpoint: {saver.last}") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 
+    plot_curves(metrics, args.env)
     wall = metrics.elapsed()
     summary = dict(env=args.env, dataset=dataset_id, algo=args.algo, seed=args.seed,
-                   pretrained_score=ckpt.info["pretrained_score"], final_score=final_score,
-                   online_env_steps=env_steps, pretrain_time_s=ckpt.info["pretrain_time_s"],
-                   online_time_s=wall - ckpt.info["pretrain_time_s"], wall_time_s=wall, data_time_s=data_time_s)
+                   pretrained_score=saver.info["pretrained_score"], final_score=final_score,
+                   online_env_steps=env_steps, pretrain_time_s=saver.info["pretrain_time_s"],
+                   online_time_s=wall - saver.info["pretrain_time_s"], wall_time_s=wall, data_time_s=data_time_s)
     summary = {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{'env':<20}{args.env}\n{'dataset':<20}{dataset_id}\n{'algorithm':<20}{args.algo}\n"

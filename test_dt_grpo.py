@@ -1,5 +1,7 @@
-"""Tests of dt_grpo.py: the correctness conditions of ALGORITHM.md §2, the pure functions
-against hand-computed values, and the user paths through the CLI. No network is used: every
+"""Tests of dt_grpo.py, read as the method's specification: the pure functions against
+hand-computed values, the correctness conditions (exact ratios, exact resets, honoured time
+limits, causality), what a rollout's score and a GRPO update are, and the user paths through
+the CLI. No network is used: every
 dataset is built locally under a temporary MINARI_DATASETS_PATH.
 
     python -m pytest -q
@@ -38,6 +40,7 @@ def minari_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("minari")
     os.environ["MINARI_DATASETS_PATH"] = str(root)
     D.build_random_dataset("local/hopper-random-v0", "Hopper-v4", 2000, seed=0)
+    D.build_random_dataset("test/hopper-random-v0", "Hopper-v4", 300, seed=0)  # a cached non-local dataset
     return root
 
 
@@ -80,7 +83,6 @@ def test_dataset_windows_stay_inside_one_episode(setup):
     t = ctx.timesteps.masked_fill(~ctx.mask, -1)
     real_steps = t[:, 1:][ctx.mask[:, :-1]] - t[:, :-1][ctx.mask[:, :-1]]
     assert (real_steps == 1).all()  # consecutive steps of one episode, never across a boundary
-    assert ctx.timesteps.min() >= 0
 
 
 def test_group_advantages_hand_example():
@@ -108,15 +110,24 @@ def test_clipped_surrogate_hand_example():
     torch.testing.assert_close(D.clipped_surrogate(lr, adv, 0.2), torch.tensor([-1.2, 1.5, -0.5, 0.8, -2.2]))
 
 
-def test_reset_point_probs_follow_uncertainty():
+def test_reset_points_follow_uncertainty():
     u = torch.tensor([0.0, 0.0, 3.0, 0.0, 1.0, 0.0])
-    active = D.reset_point_probs(u, active=True, temperature=1.0)
-    torch.testing.assert_close(active.sum(), torch.tensor(1.0))
+    gen = torch.Generator().manual_seed(0)
+    _, active = D.choose_reset_points(u, 1, "uncertainty", 1.0, gen)
+    z = (u - u.mean()) / u.std()  # hand computation of the rule: softmax of the standardised profile
+    torch.testing.assert_close(active, z.exp() / z.exp().sum())
     assert active.argmax() == 2 and active[4] > active[0] and active[2] > 1 / 6
-    greedy = D.reset_point_probs(u, active=True, temperature=0.2)
+    _, greedy = D.choose_reset_points(u, 1, "uncertainty", 0.2, gen)
     assert greedy[2] > active[2]
-    uniform = D.reset_point_probs(u, active=False, temperature=1.0)
+    _, uniform = D.choose_reset_points(u, 1, "uniform", 1.0, gen)
     torch.testing.assert_close(uniform, torch.full((6,), 1 / 6))
+    # the draws follow the probabilities, distinct steps while the trajectory is long enough
+    draws = torch.cat([D.choose_reset_points(u, 1, "uncertainty", 0.2, gen)[0] for _ in range(2000)])
+    assert abs((draws == 2).float().mean().item() - greedy[2].item()) < 0.03
+    t0, _ = D.choose_reset_points(u, 6, "uniform", 1.0, gen)
+    assert sorted(t0.tolist()) == list(range(6))
+    t0, _ = D.choose_reset_points(u[:2], 5, "uniform", 1.0, gen)  # fewer steps than reset points
+    assert len(t0) == 5 and set(t0.tolist()) <= {0, 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,11 +223,11 @@ def test_truncation_after_restore(setup):
     """Our step counter, not the TimeLimit wrapper's, ends the episode at max_episode_steps."""
     args, envs, data, model = setup
     T = envs[0].spec.max_episode_steps
-    ep = D.Episodes.start(D.reset_envs(envs[:2], [0, 1]), 3600.0, T, data, args.reward_scale)
+    ep = D.Episodes.start(np.stack([envs[0].reset(seed=0)[0], envs[1].reset(seed=1)[0]]), 3600.0, T, data)
     snap = D.get_snapshot(envs[0])
     D.set_snapshot(envs[1], snap)  # a restored env: its wrapper's counter knows nothing
     ep.t[:] = T - 3
-    out = D.rollout(model, envs[:2], ep, 50, 0, data, args.reward_scale, torch.Generator())
+    out = D.rollout(model, envs[:2], ep, 50, 0, torch.Generator())
     assert out["env_steps"] == 6 and ep.t.tolist() == [T, T] and ep.done.all()
 
 
@@ -264,7 +275,7 @@ def test_ratio_is_one_before_any_update(group_batch, setup, mode):
 def test_hindsight_relabel_changes_rtg_only_and_breaks_ratios(group_batch, setup):
     args, _, _, model = setup
     batch, _ = group_batch
-    ep = D.hindsight_relabel(batch.ep, args.reward_scale)
+    ep = D.hindsight_relabel(batch.ep)
     for field in ("states", "actions", "rewards", "t", "done"):
         assert torch.equal(getattr(ep, field), getattr(batch.ep, field))
     assert not torch.equal(ep.rtg, batch.ep.rtg)
@@ -291,6 +302,96 @@ def test_grpo_update_follows_the_advantages(group_batch, setup):
         logp, _ = D.batch_log_probs(model, batch, torch.arange(B))
     change = ((logp - batch.logp_old) * batch.valid).sum(1)
     assert change[adv > 0].mean() > 0 > change[adv < 0].mean()
+
+
+def test_rollout_score_covers_exactly_its_steps(group_batch, setup):
+    """R_i sums the rewards of the steps rollout i took from its reset step t0: L + L_eval steps,
+    fewer only if the episode terminated or reached the time limit. Checked independently by
+    replaying the stored actions in a fresh env from the iteration's start state."""
+    args, _, _, _ = setup
+    batch, _ = group_batch
+    T = 1000
+    seed = int(np.random.default_rng(0).integers(2**31))  # the trajectory's start: the iteration's first draw
+    env = D.make_env("Hopper-v4")
+    for b in range(len(batch.adv)):
+        env.reset(seed=seed)
+        t0, end = int(batch.t0[b]), int(batch.ep.t[b])
+        steps = [env.unwrapped.step(a) for a in batch.ep.actions[b, :end].numpy()]
+        terminated = [s[2] for s in steps]
+        assert not any(terminated[:-1])  # no step after a termination
+        assert end - t0 == min(args.traj_len + args.eval_len, T - t0) or terminated[-1]
+        assert batch.scores.view(-1)[b].item() == pytest.approx(sum(s[1] for s in steps[t0:]), rel=1e-5, abs=1e-4)
+
+
+def test_actions_after_the_sampled_ones_are_the_mean_action(group_batch, setup):
+    """The L_eval scoring steps take the policy's mean action tanh(μ); the L before them are samples."""
+    args, _, _, model = setup
+    batch, _ = group_batch
+    rows = torch.arange(len(batch.adv))
+    for j, sampled in ((0, True), (args.traj_len - 1, True), (args.traj_len, False), (args.traj_len + 3, False)):
+        t = batch.t0 + j
+        live = t < batch.ep.t
+        assert live.any()
+        with torch.no_grad():
+            mode = model.last_step(batch.ep.context(model.K, rows[live], t[live])).mode
+        taken = batch.ep.actions[rows[live], t[live]]
+        if sampled:
+            assert batch.valid[live, j].all() and (taken - mode).abs().max() > 1e-3
+        else:
+            torch.testing.assert_close(taken, mode, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["joint", "mean", "token"])
+def test_zero_spread_group_gives_no_gradient(mode):
+    adv = D.group_advantages(torch.tensor([[2.0, 2.0, 2.0, 2.0]])).view(-1)
+    logp_new = torch.randn(4, 5, requires_grad=True)  # any policy, any ratio
+    loss, _ = D.grpo_policy_loss(logp_new, torch.randn(4, 5), torch.ones(4, 5), adv, mode, 0.2)
+    loss.backward()
+    assert adv.eq(0).all() and logp_new.grad.eq(0).all()
+
+
+def test_grpo_update_with_only_zero_spread_groups_changes_nothing(group_batch, setup):
+    args, _, _, _ = setup
+    batch, _ = group_batch
+    batch = dataclasses.replace(batch, adv=torch.zeros_like(batch.adv))
+    model = D.make_model(args, 11, 3, 1000)
+    model.load_state_dict(setup[3].state_dict())
+    D.grpo_update(args, model, torch.optim.SGD(model.parameters(), lr=1.0), batch, torch.Generator().manual_seed(0))
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), setup[3].state_dict().values()))
+
+
+def test_entropy_bonus_raises_entropy(group_batch, setup):
+    """The same update with and without the bonus: with it, the predicted std ends higher."""
+    args, _, _, _ = setup
+    batch, _ = group_batch
+    B = len(batch.adv)
+    batch = dataclasses.replace(batch, adv=torch.tensor([1.0, -1.0]).repeat(B // 2 + 1)[:B])
+    ctx, _, _ = batch.windows(torch.arange(B), args.context_len)
+
+    def log_std_after(ent_coef: float) -> float:
+        model = D.make_model(args, 11, 3, 1000)
+        model.load_state_dict(setup[3].state_dict())
+        torch.manual_seed(0)
+        upd_args = D.Args(**{**TINY, "minibatch_size": B, "epochs": 1, "ent_coef": ent_coef})
+        D.grpo_update(upd_args, model, torch.optim.SGD(model.parameters(), lr=1e-2), batch, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return model.last_step(ctx).log_std.mean().item()
+
+    assert log_std_after(1.0) > log_std_after(0.0) + 1e-4
+
+
+def test_token_ratio_weighs_each_valid_action_once():
+    """token: the loss averages over valid actions (a rollout with 2 valid actions counts twice as
+    much as one with 1); joint: over rollouts. At ratio 1 the surrogate is -Â."""
+    valid = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([3.0, 1.0])
+    for mode, loss_value, grad in (("token", -(3 + 3 + 1) / 3, [[-1.0, -1.0, 0.0], [-1 / 3, 0.0, 0.0]]),
+                                   ("joint", -(3 + 1) / 2, [[-1.5, -1.5, 0.0], [-0.5, 0.0, 0.0]])):
+        logp = torch.zeros(2, 3, requires_grad=True)
+        loss, _ = D.grpo_policy_loss(logp, torch.zeros(2, 3), valid, adv, mode, 0.2)
+        loss.backward()
+        assert loss.item() == pytest.approx(loss_value)
+        torch.testing.assert_close(logp.grad, torch.tensor(grad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +431,7 @@ def test_cli_end_to_end_with_offline_fallback(tmp_path):
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     phases = {row.split(",")[0] for row in rows[1:]}
     assert phases == {"pretrain", "eval", "grpo"}
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("checkpoint.pt", "pretrained.pt"):
         ckpt = torch.load(tmp_path / "run" / name, weights_only=True)
         assert {"model", "state_mean", "state_std", "args", "rng", "log_temp"} <= set(ckpt)
@@ -360,7 +462,10 @@ def test_help_documents_every_flag():
 @pytest.mark.parametrize("flags, message", [
     (["--env", "NoSuchEnv-v0"], "unknown environment"),
     (["--env", "CartPole-v1"], "Discrete action space"),
-    (["--env", "Walker2d-v4", "--dataset", "local/hopper-random-v0"], "does not fit"),
+    (["--env", "Walker2d-v4", "--dataset", "test/hopper-random-v0"], "does not fit"),
+    (["--env", "Walker2d-v4", "--dataset", "local/hopper-random-v0"], "must be named local/walker2d-"),
+    (["--env", "Hopper-v4", "--dataset", "local/walker2d-random-v0"], "must be named local/hopper-"),
+    (["--group-size", "1"], "--group-size must be >= 2"),
     (["--dataset", "mujoco/hopper/nosuch-v0"], "cannot be reached"),
     (["--pretrain-steps", "-1"], "--pretrain-steps must be >= 0"),
     (["--batch-size", "0"], "--batch-size must be > 0"),
@@ -379,6 +484,7 @@ def test_bad_input_is_one_clear_line(minari_dir, tmp_path, flags, message):
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+    assert not list(minari_dir.rglob("walker2d-random*"))  # refused before anything was built
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,8 +518,10 @@ def test_odt_buffer_seeding_relabeling_and_fifo(setup):
     for tr in buffer:
         assert len(tr["states"]) == len(tr["actions"]) == len(tr["rtg"]) > 0
     replay = D.buffer_dataset(buffer, data)
-    ctx = replay.sample(64, args.context_len, torch.Generator().manual_seed(0))
-    assert (ctx.timesteps[ctx.mask] >= 0).all() and len(replay.rtg) == sum(len(tr["rtg"]) for tr in buffer)
+    assert len(replay.rtg) == sum(len(tr["rtg"]) for tr in buffer)
+    l0, l1 = len(buffer[0]["rtg"]), len(buffer[1]["rtg"])  # each row knows where its trajectory starts
+    assert (replay.ep_start[:l0] == 0).all() and (replay.ep_start[l0:l0 + l1] == l0).all()
+    assert torch.equal(replay.rtg[l0:l0 + l1], buffer[1]["rtg"])
 
     args = dataclasses.replace(args, odt_episodes=2, odt_buffer=6)
     stats = D.odt_explore(args, model, envs, data, buffer, 3600.0, torch.Generator().manual_seed(0),
@@ -422,10 +530,19 @@ def test_odt_buffer_seeding_relabeling_and_fifo(setup):
     assert float(buffer[0]["rtg"][0]) == pytest.approx(returns[1])
     new = buffer[-2:]
     assert sum(len(tr["rtg"]) for tr in new) == stats["env_steps"]
-    for tr in new:  # hindsight: RTG tokens are the returns achieved, not the 3600 that was fed
+    # Hindsight: replaying the stored actions from the same start states in a fresh env gives the
+    # rewards actually received, and the RTG tokens are their returns-to-go (not the 3600 fed).
+    seeds = np.random.default_rng(0).integers(2**31, size=2)
+    for tr, seed in zip(new, seeds):
+        env = D.make_env("Hopper-v4")
+        obs = [env.reset(seed=int(seed))[0]]
+        steps = [env.unwrapped.step(a) for a in tr["actions"].numpy()]
+        obs += [s[0] for s in steps[:-1]]
+        torch.testing.assert_close(tr["states"], data.normalise(np.stack(obs)))
+        achieved = D.returns_to_go(torch.tensor([s[1] for s in steps])) * args.reward_scale
+        torch.testing.assert_close(tr["rtg"], achieved.float(), atol=1e-5, rtol=1e-5)
+        assert steps[-1][2] or len(steps) == 1000  # it ended by termination or the time limit
         assert abs(float(tr["rtg"][0]) - 3.6) > 0.1
-        rewards = -torch.diff(tr["rtg"], append=torch.zeros(1)) / args.reward_scale
-        torch.testing.assert_close(D.returns_to_go(rewards) * args.reward_scale, tr["rtg"], atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,6 +692,21 @@ def test_corrupt_local_dataset_is_rebuilt(minari_dir, tmp_path, monkeypatch, cap
     if damage == "truncated data file":
         assert "REBUILDING" in capsys.readouterr().err
     assert not any(p.name.startswith(".building") for p in tmp_path.iterdir())
+
+
+def test_metrics_a_new_key_is_a_new_column(tmp_path):
+    """A diagnostic is one more key in a stats dict: it becomes a column, blank in earlier rows;
+    a resumed run keeps the rows its checkpoint had seen, with the wider header."""
+    import csv
+
+    m = D.Metrics(tmp_path / "metrics.csv")
+    m.write(phase="grpo", step=1, loss=0.5)
+    m.write(phase="grpo", step=2, loss=0.25, my_diagnostic=7)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["loss"] for r in rows] == ["0.5", "0.25"] and [r["my_diagnostic"] for r in rows] == ["", "7"]
+    D.Metrics(tmp_path / "metrics.csv", keep_rows=1).write(phase="grpo", step=2, loss=0.125)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [(r["step"], r["loss"], r["my_diagnostic"]) for r in rows] == [("1", "0.5", ""), ("2", "0.125", "")]
 
 
 # ---------------------------------------------------------------------------------------------
