@@ -150,6 +150,9 @@ class Args:
     """L: sampled actions per rollout; these are the actions being optimised [paper]."""
     eval_len: int = 400
     """Mean-action steps after the L sampled ones that score them (about 400 on MuJoCo [paper])."""
+    eval_len_start: Optional[int] = None
+    """L_eval at the start of finetuning, growing linearly to --eval-len by half of --online-steps
+    (default: fixed --eval-len) [ours]. A short window rewards moving forward, a long one staying up."""
     clip_eps: float = 0.2
     """Clip range of the importance ratio."""
     ent_coef: float = 1e-3
@@ -688,11 +691,13 @@ class GroupBatch:
 
 
 def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float,
-                   gen: torch.Generator, rng: np.random.Generator) -> tuple[GroupBatch, dict]:
-    """Steps (a)-(d) of one GRPO iteration; returns the batch and rollout statistics."""
+                   gen: torch.Generator, rng: np.random.Generator, eval_len: Optional[int] = None) -> tuple[GroupBatch, dict]:
+    """Steps (a)-(d) of one GRPO iteration, scoring with L_eval = eval_len (default args.eval_len);
+    returns the batch and rollout statistics."""
     if args.full_episodes:
         return collect_full_episodes(args, model, envs, data, target, gen, rng)
     N, G, L = args.reset_points, args.group_size, args.traj_len
+    eval_len = args.eval_len if eval_len is None else eval_len
     # (a) one trajectory of the current policy, with a snapshot at every step.
     snapshots: list = []
     traj, traj_out = play_episodes(model, envs, [int(rng.integers(2**31))], target, data, gen, args.traj_std_scale,
@@ -706,17 +711,26 @@ def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dat
     for env, t in zip(envs[: N * G], t0.tolist()):
         set_snapshot(env, snapshots[t])
     x_start = np.array([env.unwrapped.data.qpos[0] for env in envs[: N * G]])
-    group_out = rollout(model, envs[: N * G], ep, L + args.eval_len, L, gen, std_scale=args.explore_std_scale)
+    group_out = rollout(model, envs[: N * G], ep, L + eval_len, L, gen, std_scale=args.explore_std_scale)
     scores = score_rollouts(ep, t0).view(N, G)
     # Diagnostics (each key is a metrics.csv column): where the reset points fall along the
     # trajectory, and what the scores are made of: falls, and forward progress in metres.
     x_end = np.array([env.unwrapped.data.qpos[0] for env in envs[: N * G]])
-    full = torch.clamp(envs[0].spec.max_episode_steps - t0, max=L + args.eval_len)  # (N*G,) steps if it stays up
-    stats = dict(traj_return=traj.rewards[0].sum().item(), traj_len=n,
+    full = torch.clamp(envs[0].spec.max_episode_steps - t0, max=L + eval_len)  # (N*G,) steps if it stays up
+    stats = dict(eval_len=eval_len, traj_return=traj.rewards[0].sum().item(), traj_len=n,
                  traj_log_std=traj_out["uncertainty"][0, :n].mean().item(),
                  t0_mean=t0.float().mean().item(), t0_max=int(t0.max()),
                  fell=(ep.t - t0 < full).float().mean().item(), forward=float(np.mean(x_end - x_start)))
     return finish_groups(args, ep, t0, group_out, scores, traj_out["env_steps"] + group_out["env_steps"], stats)
+
+
+def eval_len_at(args: Args, env_steps: int) -> int:
+    """L_eval after env_steps online steps: --eval-len, or with --eval-len-start a linear ramp
+    from it to --eval-len over the first half of the budget [ours]."""
+    if args.eval_len_start is None:
+        return args.eval_len
+    progress = min(1.0, env_steps / max(args.online_steps / 2, 1))
+    return round(args.eval_len_start + progress * (args.eval_len - args.eval_len_start))
 
 
 def collect_full_episodes(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float,
@@ -931,7 +945,7 @@ def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, env
     while env_steps < args.online_steps:
         tic, where = time.time(), f"{args.algo.upper()} iteration {it + 1}"
         if args.algo == "grpo":
-            batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng)
+            batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng, eval_len_at(args, env_steps))
             collected = time.time()
             stats.update(grpo_update(args, model, opt, batch, gen, where))
         else:
@@ -995,6 +1009,8 @@ def check_args(args: Args) -> None:
                  "explore_std_scale"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.eval_len_start is not None and args.eval_len_start < 0:
+        raise UserError(f"--eval-len-start must be >= 0, got {args.eval_len_start}")
     if not args.traj_std_scale >= 0:
         raise UserError(f"--traj-std-scale must be >= 0, got {args.traj_std_scale}")
     if not args.checkpoint_interval >= 0:

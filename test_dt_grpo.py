@@ -130,6 +130,13 @@ def test_reset_points_follow_uncertainty():
     assert len(t0) == 5 and set(t0.tolist()) <= {0, 1}
 
 
+def test_eval_len_schedule_hand_example():
+    """--eval-len-start: L_eval grows linearly to --eval-len over the first half of the budget."""
+    args = D.Args(eval_len=400, eval_len_start=200, online_steps=1000)
+    assert [D.eval_len_at(args, s) for s in (0, 250, 500, 900)] == [200, 300, 400, 400]
+    assert D.eval_len_at(D.Args(eval_len=400), 123) == 400  # no schedule by default
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
