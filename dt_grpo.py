@@ -617,8 +617,8 @@ def play_episodes(model: DecisionTransformer, envs: list, seeds: list[int], targ
     envs = envs[: len(seeds)]
     T = envs[0].spec.max_episode_steps
     ep = Episodes.start(np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]), target, T, data)
-    out = rollout(model, envs, ep, T, T if std_scale > 0 else 0, gen, snapshots, std_scale)
-    return ep, out
+    played = rollout(model, envs, ep, T, T if std_scale > 0 else 0, gen, snapshots, std_scale)
+    return ep, played
 
 
 # =============================================================================================
@@ -739,13 +739,13 @@ def collect_full_episodes(args: Args, model: DecisionTransformer, envs: list, da
     the same start state), every action sampled, each scored by its episode return."""
     N, G = args.reset_points, args.group_size
     seeds = [int(s) for s in rng.integers(2**31, size=N) for _ in range(G)]
-    ep, out = play_episodes(model, envs, seeds, target, data, gen, args.explore_std_scale)
+    ep, played = play_episodes(model, envs, seeds, target, data, gen, args.explore_std_scale)
     t0 = torch.zeros(N * G, dtype=torch.long)
     scores = score_rollouts(ep, t0).view(N, G)
-    return finish_groups(args, ep, t0, out, scores, out["env_steps"], dict(traj_return=scores.mean().item()))
+    return finish_groups(args, ep, t0, played, scores, played["env_steps"], dict(traj_return=scores.mean().item()))
 
 
-def finish_groups(args: Args, ep: Episodes, t0: torch.Tensor, out: dict, scores: torch.Tensor, env_steps: int,
+def finish_groups(args: Args, ep: Episodes, t0: torch.Tensor, played: dict, scores: torch.Tensor, env_steps: int,
                   stats: dict) -> tuple[GroupBatch, dict]:
     """(d) group-relative advantages, and (f) the RTG tokens to train on: those fed, unless the
     --hindsight-relabel ablation rewrites them."""
@@ -755,7 +755,7 @@ def finish_groups(args: Args, ep: Episodes, t0: torch.Tensor, out: dict, scores:
     spread = scores.std(1, unbiased=False)  # (N,) within-group score std
     stats.update(env_steps=env_steps, group_score=scores.mean().item(), score_std=spread.mean().item(),
                  zero_spread=(spread == 0).float().mean().item())
-    return GroupBatch(ep, t0, out["logp"], out["valid"], scores, adv), stats
+    return GroupBatch(ep, t0, played["logp"], played["valid"], scores, adv), stats
 
 
 def hindsight_relabel(ep: Episodes) -> Episodes:
@@ -876,12 +876,12 @@ def odt_explore(args: Args, model: DecisionTransformer, envs: list, data: Datase
     """args.odt_episodes stochastic episodes conditioned on `target`, relabelled in hindsight and
     added to the buffer, whose oldest trajectories make room (FIFO, as ODT)."""
     seeds = [int(s) for s in rng.integers(2**31, size=args.odt_episodes)]
-    ep, out = play_episodes(model, envs, seeds, target, data, gen)
+    ep, played = play_episodes(model, envs, seeds, target, data, gen)
     relabelled = hindsight_relabel(ep)
     for b, n in enumerate(ep.t.tolist()):
         buffer.append(dict(states=ep.states[b, :n], actions=ep.actions[b, :n], rtg=relabelled.rtg[b, :n]))
     del buffer[: max(0, len(buffer) - args.odt_buffer)]
-    return dict(env_steps=out["env_steps"], traj_return=ep.rewards.sum(1).mean().item())
+    return dict(env_steps=played["env_steps"], traj_return=ep.rewards.sum(1).mean().item())
 
 
 def odt_train(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer, log_temp: torch.Tensor,
