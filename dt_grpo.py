@@ -609,6 +609,11 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
     return dict(logp=logp, valid=valid, uncertainty=uncertainty, env_steps=env_steps)
 
 
+def root_x(envs: list) -> np.ndarray:
+    """x position of each env's root body (m): forward progress is its change. (B,)"""
+    return np.array([env.unwrapped.data.qpos[0] for env in envs])
+
+
 def play_episodes(model: DecisionTransformer, envs: list, seeds: list[int], target: float, data: Dataset,
                   gen: torch.Generator, std_scale: float = 1.0, snapshots: Optional[list] = None) -> tuple[Episodes, dict]:
     """Reset envs[b] with seeds[b] and play whole episodes conditioned on `target`: sampled
@@ -710,17 +715,16 @@ def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dat
     ep = traj.branch(0, t0)
     for env, t in zip(envs[: N * G], t0.tolist()):
         set_snapshot(env, snapshots[t])
-    x_start = np.array([env.unwrapped.data.qpos[0] for env in envs[: N * G]])
+    x_start = root_x(envs[: N * G])
     group_out = rollout(model, envs[: N * G], ep, L + eval_len, L, gen, std_scale=args.explore_std_scale)
     scores = score_rollouts(ep, t0).view(N, G)
     # Diagnostics (each key is a metrics.csv column): where the reset points fall along the
     # trajectory, and what the scores are made of: falls, and forward progress in metres.
-    x_end = np.array([env.unwrapped.data.qpos[0] for env in envs[: N * G]])
     full = torch.clamp(envs[0].spec.max_episode_steps - t0, max=L + eval_len)  # (N*G,) steps if it stays up
     stats = dict(eval_len=eval_len, traj_return=traj.rewards[0].sum().item(), traj_len=n,
                  traj_log_std=traj_out["uncertainty"][0, :n].mean().item(),
                  t0_mean=t0.float().mean().item(), t0_max=int(t0.max()),
-                 fell=(ep.t - t0 < full).float().mean().item(), forward=float(np.mean(x_end - x_start)))
+                 fell=(ep.t - t0 < full).float().mean().item(), forward=float(np.mean(root_x(envs[: N * G]) - x_start)))
     return finish_groups(args, ep, t0, group_out, scores, traj_out["env_steps"] + group_out["env_steps"], stats)
 
 
@@ -917,9 +921,7 @@ def evaluate(args: Args, model: DecisionTransformer, envs: list, data: Dataset,
     seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]
     envs = envs[: len(seeds)]
     ep, _ = play_episodes(model, envs, seeds, target, data, torch.Generator(), std_scale=0)
-    x_end = np.array([env.unwrapped.data.qpos[0] for env in envs])
-    x_start = np.array([env.unwrapped.init_qpos[0] for env in envs])
-    return ep.rewards.sum(1).numpy(), x_end - x_start
+    return ep.rewards.sum(1).numpy(), root_x(envs) - np.array([env.unwrapped.init_qpos[0] for env in envs])
 
 
 # =============================================================================================
