@@ -139,17 +139,21 @@ class Args:
     algo: Literal["grpo", "odt"] = "grpo"
     """`grpo` = pure RL gradients [paper]; `odt` = the Online Decision Transformer baseline
     (hindsight relabeling + supervised updates, Zheng et al. 2022)."""
-    online_steps: int = 500_000
+    online_steps: int = 1_000_000
     """Budget of env steps for finetuning, counting every env.step (0 = none). An iteration that
-    starts under the budget is finished, so the count may end a little over."""
-    group_size: int = 8
-    """G: rollouts from each reset point (at least 2); the group mean score is the baseline [paper]."""
-    reset_points: int = 8
-    """N: reset points (groups) per GRPO iteration."""
-    traj_len: int = 20
-    """L: sampled actions per rollout; these are the actions being optimised [paper]."""
-    eval_len: int = 400
-    """Mean-action steps after the L sampled ones that score them (about 400 on MuJoCo [paper])."""
+    starts under the budget is finished, so the count may end a little over. 1M: on hopper-random
+    the scores still rise after 600k (README, "Learning study") [ours]."""
+    group_size: int = 16
+    """G: rollouts from each reset point (at least 2); the group mean score is the baseline [paper].
+    16 [ours]: on hopper-random G=8 stands still, G=16 learns to hop (README, "Learning study")."""
+    reset_points: int = 4
+    """N: reset points (groups) per GRPO iteration. 4 [ours] keeps N*G = 64 rollouts per iteration."""
+    traj_len: int = 100
+    """L: sampled actions per rollout; these are the actions being optimised [paper]. 100 [ours]: a
+    hop takes ~20-40 steps, and shorter windows (20, 50) learn to stand, not to hop."""
+    eval_len: int = 300
+    """Mean-action steps after the L sampled ones that score them [ours; the paper uses about 400 on
+    MuJoCo, and 300 keeps L + L_eval = 400 steps per rollout]."""
     eval_len_start: Optional[int] = None
     """L_eval at the start of finetuning, growing linearly to --eval-len by half of --online-steps
     (default: fixed --eval-len) [ours]. A short window rewards moving forward, a long one staying up."""
@@ -163,20 +167,20 @@ class Args:
     """Rollouts per GRPO minibatch (each brings its L context windows)."""
     online_lr: float = 1e-4
     """Learning rate of GRPO updates (AdamW)."""
-    ratio: Literal["joint", "mean", "token"] = "joint"
+    ratio: Literal["joint", "mean", "token"] = "mean"
     """`joint` = one ratio per sub-trajectory, the sum of its L action log-ratios [paper]; `mean` =
-    that sum / L (GSPO); `token` = one ratio per action (plain PPO/GRPO)."""
+    that sum / L (GSPO); `token` = one ratio per action (plain PPO/GRPO). Default `mean` [ours]:
+    over L=100 actions the joint ratio leaves the clip range after a step or two, so almost every
+    rollout is clipped; the mean is the same sequence-level ratio on a per-action scale."""
     reset_rule: Literal["uncertainty", "uniform"] = "uncertainty"
     """Where reset points fall along the trajectory: `uncertainty` = active sampling, favouring
     steps where the policy's predicted std is high [paper]; `uniform` = the ablation."""
     reset_temperature: float = 1.0
     """Softmax temperature over the standardised uncertainty profile (lower = greedier) [ours]."""
-    explore_std_scale: float = 1.0
-    """Scale of the policy's std in the sampled GRPO actions [ours]: the scaled policy acts, and its
-    ratio and entropy are the ones trained; evaluation uses the mean action."""
-    traj_std_scale: float = 1.0
+    traj_std_scale: float = 0.0
     """Scale of the std along the trajectory that reset points are drawn from: 1 = the policy's own
-    samples, 0 = mean actions (the states evaluation visits) [ours]."""
+    samples, 0 = mean actions (the states evaluation visits) [ours]. Sampled trajectories fall
+    early, so their reset points never reach the states that a standing or hopping policy visits."""
     hindsight_relabel: bool = False
     """Ablation: train on achieved returns-to-go instead of those fed to the policy (breaks the ratios [paper])."""
     online_target_return: Optional[float] = None
@@ -353,7 +357,7 @@ class TanhNormal:
         return -self.log_prob(a)
 
     def scaled(self, std_scale: float) -> "TanhNormal":
-        """The same policy with its std multiplied by std_scale (> 0): --explore-std-scale."""
+        """The same policy with its std multiplied by std_scale (> 0): --traj-std-scale."""
         return self if std_scale == 1 else TanhNormal(self.mean, self.log_std + math.log(std_scale))
 
     @property
@@ -716,7 +720,7 @@ def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dat
     for env, t in zip(envs[: N * G], t0.tolist()):
         set_snapshot(env, snapshots[t])
     x_start = root_x(envs[: N * G])
-    group_out = rollout(model, envs[: N * G], ep, L + eval_len, L, gen, std_scale=args.explore_std_scale)
+    group_out = rollout(model, envs[: N * G], ep, L + eval_len, L, gen)
     scores = score_rollouts(ep, t0).view(N, G)
     # Diagnostics (each key is a metrics.csv column): where the reset points fall along the
     # trajectory, and what the scores are made of: falls, and forward progress in metres.
@@ -743,7 +747,7 @@ def collect_full_episodes(args: Args, model: DecisionTransformer, envs: list, da
     the same start state), every action sampled, each scored by its episode return."""
     N, G = args.reset_points, args.group_size
     seeds = [int(s) for s in rng.integers(2**31, size=N) for _ in range(G)]
-    ep, played = play_episodes(model, envs, seeds, target, data, gen, args.explore_std_scale)
+    ep, played = play_episodes(model, envs, seeds, target, data, gen)
     t0 = torch.zeros(N * G, dtype=torch.long)
     scores = score_rollouts(ep, t0).view(N, G)
     return finish_groups(args, ep, t0, played, scores, played["env_steps"], dict(traj_return=scores.mean().item()))
@@ -811,12 +815,11 @@ def grpo_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, valid: torc
     return loss, stat
 
 
-def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor,
-                    std_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_θ of the sampled actions of rollouts `rows` under their exact rollout contexts,
     (len(rows), L) with zeros at invalid steps, and the mean entropy estimate over those steps."""
     ctx, actions, (i, j) = batch.windows(rows, model.K)
-    dist = model.last_step(ctx).scaled(std_scale)  # (V, A)
+    dist = model.last_step(ctx)  # (V, A)
     logp = torch.zeros(len(rows), batch.logp_old.shape[1]).index_put((i, j), dist.log_prob(actions.to(dist.mean.device)).cpu())
     return logp, dist.rsample_entropy().mean().cpu()
 
@@ -831,7 +834,7 @@ def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimiz
     stats: dict[str, list] = dict(abs_log_ratio=[], clip_frac=[], approx_kl=[], entropy=[])
     for _ in range(args.epochs if len(rows_all) else 0):  # no update at all if every group has zero spread
         for rows in rows_all[torch.randperm(len(rows_all), generator=gen)].split(args.minibatch_size):
-            logp_new, entropy = batch_log_probs(model, batch, rows, args.explore_std_scale)
+            logp_new, entropy = batch_log_probs(model, batch, rows)
             valid = batch.valid[rows].float()
             policy_loss, stat = grpo_policy_loss(logp_new, batch.logp_old[rows], valid, batch.adv[rows],
                                                  args.ratio, args.clip_eps)
@@ -1007,8 +1010,7 @@ def check_args(args: Args) -> None:
     if args.group_size < 2:
         raise UserError(f"--group-size must be >= 2, got {args.group_size}: a group of one is its own baseline, "
                         "so every advantage would be 0 and GRPO would learn nothing")
-    for name in ("lr", "online_lr", "reward_scale", "init_temperature", "reset_temperature", "grad_clip",
-                 "explore_std_scale"):
+    for name in ("lr", "online_lr", "reward_scale", "init_temperature", "reset_temperature", "grad_clip"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.eval_len_start is not None and args.eval_len_start < 0:
