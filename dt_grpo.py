@@ -170,7 +170,10 @@ class Args:
     minibatch_size: int = 16
     """Rollouts per GRPO minibatch (each brings its L context windows)."""
     online_lr: float = 1e-4
-    """Learning rate of GRPO updates (AdamW)."""
+    """Learning rate of the online updates, GRPO or ODT (AdamW)."""
+    anneal_lr: bool = False
+    """Decay the online learning rate linearly to 0 at --online-steps, as CleanRL's PPO does [ours]:
+    damps the late updates that can break a gait found late in the run."""
     ratio: Literal["joint", "mean", "token"] = "mean"
     """`joint` = one ratio per sub-trajectory, the sum of its L action log-ratios [paper]; `mean` =
     that sum / L (GSPO); `token` = one ratio per action (plain PPO/GRPO). Default `mean` [ours]:
@@ -936,6 +939,14 @@ def evaluate(args: Args, model: DecisionTransformer, envs: list, data: Dataset,
 # =============================================================================================
 # The training loop: GRPO (or ODT) iterations, evaluation, checkpoints
 # =============================================================================================
+def online_lr_at(args: Args, env_steps: int) -> float:
+    """Learning rate of the iteration that starts after env_steps online steps: --online-lr, or with
+    --anneal-lr that rate decayed linearly to 0 at --online-steps [ours]."""
+    if not args.anneal_lr:
+        return args.online_lr
+    return args.online_lr * max(0.0, 1 - env_steps / max(args.online_steps, 1))
+
+
 def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, envs: list, data: Dataset,
              metrics: "Metrics", saver: "Checkpointer", target: float, gen: torch.Generator, rng: np.random.Generator,
              resume_from: Optional[dict] = None) -> tuple[float, int]:
@@ -955,6 +966,8 @@ def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, env
     bar = tqdm(total=args.online_steps, initial=min(env_steps, args.online_steps), desc=args.algo.upper(), unit="step")
     while env_steps < args.online_steps:
         tic, where = time.time(), f"{args.algo.upper()} iteration {it + 1}"
+        for group in opt.param_groups:
+            group["lr"] = online_lr_at(args, env_steps)
         if args.algo == "grpo":
             batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng, eval_len_at(args, env_steps))
             collected = time.time()
@@ -963,7 +976,7 @@ def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, env
             stats = odt_explore(args, model, envs, data, buffer, online_target, gen, rng)
             collected = time.time()
             stats.update(odt_train(args, model, opt, log_temp, temp_opt, buffer, data, gen, where))
-        stats.update(rollout_s=collected - tic, update_s=time.time() - collected)
+        stats.update(lr=opt.param_groups[0]["lr"], rollout_s=collected - tic, update_s=time.time() - collected)
         env_steps, it = env_steps + stats.pop("env_steps"), it + 1
         metrics.write(phase=args.algo, step=it, env_steps=env_steps, **stats)
         evaluated = env_steps >= next_eval or env_steps >= args.online_steps

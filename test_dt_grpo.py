@@ -137,6 +137,13 @@ def test_eval_len_schedule_hand_example():
     assert D.eval_len_at(D.Args(eval_len=400), 123) == 400  # no schedule by default
 
 
+def test_online_lr_schedule_hand_example():
+    """--anneal-lr: the online learning rate falls linearly from --online-lr to 0 at --online-steps."""
+    args = D.Args(online_lr=1e-4, online_steps=1000, anneal_lr=True)
+    assert [D.online_lr_at(args, s) for s in (0, 250, 1000, 1200)] == pytest.approx([1e-4, 7.5e-5, 0, 0])
+    assert D.online_lr_at(D.Args(online_lr=1e-4), 900) == 1e-4  # constant by default
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
@@ -575,6 +582,21 @@ def reference_run(minari_dir, tmp_path_factory):
     r = cli(*RUN_FLAGS, "--run-dir", str(d))
     assert r.returncode == 0, r.stderr[-3000:]
     return d
+
+
+def test_anneal_lr_sets_the_rate_of_every_iteration(minari_dir, tmp_path):
+    """The `lr` column of metrics.csv is the rate each iteration ran with: constant by default,
+    online_lr_at(env steps before the iteration) with --anneal-lr."""
+    import csv
+
+    for flags in ([], ["--anneal-lr"]):
+        d = tmp_path / f"run{len(flags)}"
+        assert cli(*RUN_FLAGS, "--pretrain-steps", "0", "--online-lr", "1e-3", *flags, "--run-dir", str(d)).returncode == 0
+        rows = [r for r in csv.DictReader(open(d / "metrics.csv")) if r["phase"] == "grpo"]
+        args = D.Args(online_lr=1e-3, online_steps=1500, anneal_lr=bool(flags))
+        before = [0] + [int(r["env_steps"]) for r in rows[:-1]]
+        assert len(rows) > 2 and [float(r["lr"]) for r in rows] == pytest.approx([D.online_lr_at(args, s) for s in before])
+        assert (float(rows[-1]["lr"]) < float(rows[0]["lr"])) == bool(flags)
 
 
 def test_same_seed_same_results_other_seed_differs(reference_run, tmp_path):
