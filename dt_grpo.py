@@ -172,8 +172,9 @@ class Args:
     online_lr: float = 1e-4
     """Learning rate of the online updates, GRPO or ODT (AdamW)."""
     anneal_lr: bool = False
-    """Decay the online learning rate linearly to 0 at --online-steps, as CleanRL's PPO does [ours]:
-    damps the late updates that can break a gait found late in the run."""
+    """Decay the online learning rate linearly to 0 at --online-steps, as CleanRL's PPO does [ours],
+    to damp late updates that can break a gait found late in a run. Off: over a 300k budget on
+    hopper-random it froze a lunging policy (README, "Screens of gait-keeping levers")."""
     ratio: Literal["joint", "mean", "token"] = "mean"
     """`joint` = one ratio per sub-trajectory, the sum of its L action log-ratios [paper]; `mean` =
     that sum / L (GSPO); `token` = one ratio per action (plain PPO/GRPO). Default `mean` [ours]:
