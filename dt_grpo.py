@@ -197,7 +197,7 @@ class Args:
     """Ablation: each group is G whole episodes from one start state, all actions sampled and scored
     by the episode return, instead of sub-trajectories from reset points. An update takes one context
     window per sampled action, so memory grows with the episodes: on hopper-random at the defaults
-    it peaked at 17 GB by 150k env steps (README); a smaller --minibatch-size bounds it."""
+    it peaked at 13.7-17.8 GB once the hopper stood (README); a smaller --minibatch-size bounds it."""
 
     # --- ODT baseline (--algo odt) --------------------------------------------------------------
     odt_episodes: int = 8
