@@ -1,46 +1,29 @@
 """dt_grpo.py: online finetuning of a Decision Transformer with pure RL gradients (GRPO).
 
 One file, top to bottom in the order of the algorithm, the plumbing last:
-
     Args -> data -> model -> pretraining -> rollouts and resets -> GRPO -> ODT baseline
-    -> evaluation -> the training loop -> plumbing (checks, dataset download, checkpoints, main)
+    -> evaluation -> the training loop -> plumbing (checks, datasets, checkpoints, main)
 
 It follows
-  * Luo & Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients",
-    arXiv 2601.00167 (2026): the method this file implements;
+  * Luo & Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", arXiv 2601.00167
+    (2026): the method. Its code was not released and its full text was not available to us:
+    comments say [paper] for what its abstract, public reviews and reading notes confirm, and
+    [ours] for this project's choices;
   * Chen et al., "Decision Transformer", arXiv 2106.01345 (2021): the model;
-  * Zheng et al., "Online Decision Transformer", arXiv 2202.05607 (2022): the stochastic
-    policy, the offline pretraining objective, and the baseline `--algo odt`;
-  * Shao et al., "DeepSeekMath" (GRPO), arXiv 2402.03300 (2024): group-relative advantages;
-  * Zheng et al., "Group Sequence Policy Optimization", arXiv 2507.18071 (2025): the
-    length-normalised sequence ratio offered as `--ratio mean`.
-
-The paper's code was not released and its full text was not available to us. Comments say
-[paper] for what the abstract, the public reviews and reading notes confirm, and [ours] for
-this project's choices.
+  * Zheng et al., "Online Decision Transformer", arXiv 2202.05607 (2022): the stochastic policy,
+    the pretraining objective, and the baseline `--algo odt`;
+  * Shao et al., "DeepSeekMath", arXiv 2402.03300 (2024): GRPO's group-relative advantages;
+  * Zheng et al., "Group Sequence Policy Optimization", arXiv 2507.18071 (2025): `--ratio mean`.
 
 Run:
-    python dt_grpo.py --env Hopper-v4              # pretrain, finetune with GRPO, evaluate
-    python dt_grpo.py --env Hopper-v4 --online-steps 0   # pretrain and evaluate only
-    python dt_grpo.py --resume runs/<run>          # continue an interrupted run
-    python dt_grpo.py --env Hopper-v4 --algo odt   # the ODT baseline instead of GRPO
-    python dt_grpo.py --help                       # every flag
+    python dt_grpo.py --env Hopper-v4                   # pretrain, finetune with GRPO, evaluate
+    python dt_grpo.py --env Hopper-v4 --online-steps 0  # pretrain and evaluate only
+    python dt_grpo.py --resume runs/<run>               # continue an interrupted run
+    python dt_grpo.py --help                            # every flag
 
-Where to change what (each is one small function):
-    the score of a rollout        score_rollouts       (sum of rewards over the steps it took)
-    the advantage estimator       group_advantages     (group-normalised scores)
-    the reset-point rule          choose_reset_points  (--reset-rule)
-    the importance ratio          log_ratios           (--ratio)
-    the RTG of online rollouts    finetune: online_target (--online-target-return); Episodes.record
-                                  writes each next token as the previous one minus the reward
-    a column of metrics.csv       one more key in the dict that collect_groups or grpo_update returns
-
-Tensor shape notation used throughout:
-    B batch (of segments, rollouts or windows)    K context length (timesteps per window)
-    G group size (rollouts per reset point)       N reset points per GRPO iteration
-    L sub-trajectory length (sampled actions)     T episode length / max episode steps
-    S state dim                                   A action dim
-    D steps in the offline dataset                V valid (sampled, not yet ended) rollout steps
+Tensor shapes: B batch (of windows or rollouts), K context length, G group size, N reset points
+per iteration, L sampled actions per rollout, T max episode steps, S/A state/action dim, D steps
+in the offline dataset, V valid (sampled, not yet ended) rollout steps.
 """
 
 from __future__ import annotations
@@ -77,149 +60,122 @@ from tqdm import tqdm
 # =============================================================================================
 @dataclass
 class Args:
-    """Pretrain a stochastic Decision Transformer on a Minari dataset, then finetune it online
-    with GRPO (Luo & Zhu 2026). Defaults are sized for a 2-core CPU."""
+    """Pretrain a stochastic Decision Transformer on a Minari dataset, then finetune it online with
+    GRPO (Luo & Zhu 2026). Sized for a 2-core CPU; evidence for our defaults: docs/study.md."""
 
     # --- run --------------------------------------------------------------------------------
     env: str = "Hopper-v4"
-    """Gymnasium MuJoCo environment id (Hopper, Walker2d, HalfCheetah or Ant; v4 or v5)."""
+    """Gymnasium MuJoCo env: Hopper, Walker2d, HalfCheetah or Ant, v4 or v5."""
     dataset: Optional[str] = None
-    """Minari dataset id. Default: `mujoco/<env>/medium-v0`. A `local/` id (e.g. `local/hopper-random-v0`)
-    is built here from a uniform-random policy on --env when missing; its name starts with the env's family."""
+    """Minari dataset id (default `mujoco/<env>/medium-v0`); a missing `local/<env>-<name>-vN` is built here."""
     random_dataset_steps: int = 100_000
-    """Environment steps in a locally built uniform-random dataset."""
+    """Env steps of a locally built (uniform-random) dataset."""
     seed: int = 1
     """Seed of torch, numpy and the environments."""
     device: str = "cpu"
     """Torch device."""
     run_dir: Optional[str] = None
-    """Where metrics, curves, checkpoints and summary go. Default: `runs/<env>__<algo>__seed<seed>__<time>`."""
+    """Output directory. Default: `runs/<env>__<algo>__seed<seed>__<time>`."""
     resume: Optional[str] = None
-    """Continue the interrupted run in this directory from its `checkpoint.pt`, with that run's
-    own args (other flags must be left at their defaults or repeat the run's values)."""
+    """Continue the interrupted run in this directory, with that run's own args."""
     init_checkpoint: Optional[str] = None
-    """Start from the weights of this checkpoint instead of pretraining (e.g. a run's `pretrained.pt`;
-    same env, dataset and model shape). With `--online-steps 0`: evaluate it only."""
+    """Start from these weights instead of pretraining; with `--online-steps 0`, evaluate them only."""
     checkpoint_interval: float = 60.0
-    """Seconds between periodic checkpoints, taken at the next update/iteration boundary (0 = at
-    every boundary). A kill loses at most this much work; Ctrl-C loses none."""
+    """Seconds between periodic checkpoints: a kill loses at most this much work, Ctrl-C none."""
 
-    # --- model (ODT-size: --embed-dim 512 --n-layer 4 --n-head 4 --context-len 20) -----------
+    # --- model (ODT's size: --embed-dim 512 --n-layer 4 --n-head 4 --context-len 20) -----------
     context_len: int = 10
-    """K: timesteps per context window (3K tokens). DT/ODT use 20 on MuJoCo; 10 halves the cost of
-    every forward pass, which bounds rollout speed on a CPU [ours]."""
+    """K: timesteps of context [DT/ODT: 20; ours: 10, half the cost on a CPU]."""
     embed_dim: int = 128
-    """Width of the transformer."""
+    """Width of the transformer [ours]."""
     n_layer: int = 3
-    """Transformer blocks."""
+    """Transformer blocks [ours]."""
     n_head: int = 1
-    """Attention heads (must divide embed-dim)."""
+    """Attention heads, a divisor of --embed-dim [ours]."""
     dropout: float = 0.1
-    """Dropout in pretraining. Always off when collecting or scoring GRPO rollouts."""
+    """Dropout of supervised updates; always off in GRPO rollouts and updates [DT]."""
 
-    # --- offline pretraining (ODT objective) ------------------------------------------------
+    # --- offline pretraining (the ODT objective) ---------------------------------------------
     pretrain_steps: int = 2000
-    """Gradient updates of offline pretraining."""
+    """Gradient updates of offline pretraining [ours; ODT: 5k-10k]."""
     batch_size: int = 64
-    """Segments of K steps per pretraining update."""
+    """Context windows per supervised update, pretraining and --algo odt [ours; ODT: 256]."""
     lr: float = 3e-4
-    """Pretraining learning rate (AdamW)."""
+    """Pretraining learning rate, AdamW [ours; ODT: 1e-4]."""
     weight_decay: float = 5e-4
-    """AdamW weight decay (ODT's value)."""
+    """AdamW weight decay, pretraining and online [ODT]."""
     warmup_steps: int = 200
-    """Linear learning-rate warm-up, in updates."""
+    """Linear learning-rate warm-up of pretraining, in updates [ours; ODT: 10k]."""
     grad_clip: float = 0.25
-    """Gradient-norm clip (ODT's value), used in pretraining and GRPO."""
+    """Gradient-norm clip, pretraining and online [ODT]."""
     init_temperature: float = 0.1
-    """Initial entropy temperature of the ODT objective, learned toward entropy -|A|."""
+    """Initial entropy temperature, learned toward entropy -|A| [ODT]."""
     reward_scale: float = 1e-3
-    """Scale of returns-to-go tokens (ODT uses 1/1000 on MuJoCo)."""
+    """Scale of the return-to-go tokens [ODT, MuJoCo]."""
 
-    # --- online finetuning --------------------------------------------------------------------
+    # --- GRPO --------------------------------------------------------------------------------
     algo: Literal["grpo", "odt"] = "grpo"
-    """`grpo` = pure RL gradients [paper]; `odt` = the Online Decision Transformer baseline
-    (hindsight relabeling + supervised updates, Zheng et al. 2022)."""
+    """`grpo`: pure RL gradients [paper]; `odt`: the Online Decision Transformer baseline."""
     online_steps: int = 1_000_000
-    """Budget of env steps for finetuning, counting every env.step (0 = none). An iteration that
-    starts under the budget is finished, so the count may end a little over. 1M [ours]: on hopper-random,
-    two of three seeds reach their best evaluation after 600k (README, "Learning study")."""
+    """Finetuning budget in env steps, every one counted; the last iteration is finished (0 = none).
+    1M [ours]: docs/study.md#budget"""
     group_size: int = 16
-    """G: rollouts from each reset point (at least 2); the group mean score is the baseline [paper].
-    16 [ours]: on hopper-random, G=16 learned to hop in 6 of 9 runs within 1M env steps, G=8 in 2
-    of 3 (README, "Results at the defaults" and "Learning study")."""
+    """G: rollouts from each reset point; their mean score is the baseline [paper]. 16 [ours]:
+    docs/study.md#group-size"""
     reset_points: int = 4
-    """N: reset points (groups) per GRPO iteration. 4 [ours] keeps N*G = 64 rollouts per iteration."""
+    """N: reset points (groups) per iteration [ours: N*G = 64 rollouts]."""
     traj_len: int = 100
-    """L: sampled actions per rollout; these are the actions being optimised [paper]. 100 [ours]: on
-    hopper-random, windows of 20 and 50 learned to stand; 100 is the only one that learned to hop
-    (in 2 of 3 runs at G=8, 6 of 9 at G=16)."""
+    """L: sampled actions per rollout, the ones optimised [paper]. 100 [ours]: docs/study.md#traj-len"""
     eval_len: int = 200
-    """L_eval: mean-action steps after the L sampled ones that score them [ours; the paper uses about
-    400 on MuJoCo]. 200 [ours]: a shorter horizon pays more for moving forward than for staying up;
-    on hopper-random, 2 of 3 runs hopped within 1M env steps, 1 of 3 at 300 (README, "Results at
-    the defaults")."""
-    eval_len_start: Optional[int] = None
-    """L_eval at the start of finetuning, growing linearly to --eval-len by half of --online-steps
-    (default: fixed --eval-len) [ours]. A short window rewards moving forward, a long one staying up."""
+    """L_eval: mean-action steps after the L sampled ones, that score them [paper: ~400]. 200 [ours]:
+    docs/study.md#eval-len"""
     clip_eps: float = 0.2
-    """Clip range of the importance ratio."""
+    """Clip range of the importance ratio [ours, PPO's value]."""
     ent_coef: float = 1e-3
-    """Entropy bonus coefficient (lambda)."""
+    """Entropy bonus coefficient [paper: a bonus; ours: the value]."""
     epochs: int = 2
-    """Passes over each iteration's rollouts."""
+    """Passes over each iteration's rollouts [ours]."""
     minibatch_size: int = 16
-    """Rollouts per GRPO minibatch (each brings its L context windows)."""
+    """Rollouts per GRPO minibatch [ours]."""
     online_lr: float = 1e-4
-    """Learning rate of the online updates, GRPO or ODT (AdamW)."""
-    anneal_lr: bool = False
-    """Decay the online learning rate linearly to 0 at --online-steps, as CleanRL's PPO does [ours],
-    to damp late updates that can break a gait found late in a run. Off: over a 300k budget on
-    hopper-random it froze a lunging policy (README, "Screens of gait-keeping levers")."""
+    """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]."""
     ratio: Literal["joint", "mean", "token"] = "mean"
-    """`joint` = one ratio per sub-trajectory, the sum of its L action log-ratios [paper]; `mean` =
-    that sum / L (GSPO); `token` = one ratio per action (plain PPO/GRPO). Default `mean` [ours]:
-    over L=100 actions the joint ratio leaves the clip range after a step or two, so almost every
-    rollout is clipped; the mean is the same sequence-level ratio on a per-action scale."""
+    """`joint`: a sub-trajectory's summed log-ratios [paper]; `mean`: that sum / L [GSPO]; `token`: per
+    action. `mean` [ours]: docs/study.md#ratio-mean"""
     reset_rule: Literal["uncertainty", "uniform"] = "uncertainty"
-    """Where reset points fall along the trajectory: `uncertainty` = active sampling, favouring
-    steps where the policy's predicted std is high [paper]; `uniform` = the ablation."""
+    """Reset points favour steps where the policy's std is high [paper: active sampling]; `uniform`: ablation."""
     reset_temperature: float = 1.0
-    """Softmax temperature over the standardised uncertainty profile (lower = greedier) [ours]."""
+    """Softmax temperature over the standardised uncertainty profile, lower = greedier [ours]."""
     traj_std_scale: float = 0.0
-    """Scale of the std along the trajectory that reset points are drawn from: 1 = the policy's own
-    samples, 0 = mean actions (the states evaluation visits) [ours]. Sampled trajectories fall
-    early, so their reset points never reach the states that a standing or hopping policy visits."""
-    hindsight_relabel: bool = False
-    """Ablation: train on achieved returns-to-go instead of those fed to the policy (breaks the ratios [paper])."""
+    """Std scale of the trajectory reset points come from: 0 = mean actions, the states evaluation
+    visits; 1 = the policy's samples [ours]: docs/study.md#traj-std-scale"""
     online_target_return: Optional[float] = None
-    """Return-to-go that conditions the online rollouts (GRPO and ODT). Default: the env's target return."""
+    """Return-to-go that conditions online rollouts, GRPO and ODT (default: --target-return)."""
+
+    # --- the paper's ablations ----------------------------------------------------------------
+    hindsight_relabel: bool = False
+    """Train on achieved returns-to-go instead of those fed, which breaks the ratios [paper]."""
     full_episodes: bool = False
-    """Ablation: each group is G whole episodes from one start state, all actions sampled and scored
-    by the episode return, instead of sub-trajectories from reset points. An update takes one context
-    window per sampled action, so memory grows with the episodes: on hopper-random at the defaults
-    it peaked at 13.7-17.8 GB once the hopper stood (README); a smaller --minibatch-size bounds it."""
+    """Groups of G whole sampled episodes from one start state instead of sub-trajectories [paper, as we read it]."""
 
     # --- ODT baseline (--algo odt) --------------------------------------------------------------
     odt_episodes: int = 8
-    """Exploration episodes per ODT iteration, run together (ODT: 1) [ours]."""
+    """Exploration episodes per ODT iteration, run together [ours; ODT: 1]."""
     odt_updates: int = 10
-    """Supervised updates of --batch-size windows per ODT iteration (ODT: 300 of 256 windows; scaled
-    down for a 2-core CPU, where ODT still costs ~2x GRPO's wall-clock per env step) [ours]."""
+    """Supervised updates of --batch-size windows per ODT iteration [ours; ODT: 300 of 256]."""
     odt_buffer: int = 1000
-    """Replay buffer size in trajectories, first filled with the best offline ones (ODT's value)."""
+    """Replay buffer of trajectories, first filled with the best offline ones [ODT]."""
 
     # --- evaluation ---------------------------------------------------------------------------
     eval_episodes: int = 10
     """Deterministic (mean-action) episodes per evaluation."""
     eval_every: int = 50_000
-    """Evaluate (and checkpoint, and redraw curves.png) every this many online env steps."""
+    """Evaluate, checkpoint and redraw curves.png every this many online env steps."""
     target_return: Optional[float] = None
-    """Return-to-go that conditions evaluation. Default: the env's value in ENV_TABLE."""
+    """Return-to-go that conditions evaluation (default: the env's `target` in ENV_TABLE)."""
 
-# Per-environment constants, one table. `dataset`: the Minari id used by default (recorded on
-# the v5 envs). `target`: evaluation return-to-go [ours, CORL/ODT-like values]. `ref_min`/
-# `ref_max`: D4RL normalisation (random / expert returns), since Minari's MuJoCo datasets
-# carry no reference scores.
+# Per-environment constants. `dataset`: the default Minari id (recorded on the v5 envs); `target`:
+# evaluation return-to-go [ours, ODT-like]; `ref_min`/`ref_max`: D4RL's random/expert returns.
 ENV_TABLE = {
     "Hopper": dict(dataset="mujoco/hopper/medium-v0", target=3600.0, ref_min=-20.272305, ref_max=3234.3),
     "Walker2d": dict(dataset="mujoco/walker2d/medium-v0", target=5000.0, ref_min=1.629008, ref_max=4592.3),
@@ -710,13 +666,11 @@ class GroupBatch:
 
 
 def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float,
-                   gen: torch.Generator, rng: np.random.Generator, eval_len: Optional[int] = None) -> tuple[GroupBatch, dict]:
-    """Steps (a)-(d) of one GRPO iteration, scoring with L_eval = eval_len (default args.eval_len);
-    returns the batch and rollout statistics."""
+                   gen: torch.Generator, rng: np.random.Generator) -> tuple[GroupBatch, dict]:
+    """Steps (a)-(d) of one GRPO iteration; returns the batch and rollout statistics."""
     if args.full_episodes:
         return collect_full_episodes(args, model, envs, data, target, gen, rng)
-    N, G, L = args.reset_points, args.group_size, args.traj_len
-    eval_len = args.eval_len if eval_len is None else eval_len
+    N, G, L, eval_len = args.reset_points, args.group_size, args.traj_len, args.eval_len
     # (a) one trajectory of the current policy, with a snapshot at every step.
     snapshots: list = []
     traj, traj_out = play_episodes(model, envs, [int(rng.integers(2**31))], target, data, gen, args.traj_std_scale,
@@ -735,20 +689,11 @@ def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dat
     # Diagnostics (each key is a metrics.csv column): where the reset points fall along the
     # trajectory, and what the scores are made of: falls, and forward progress in metres.
     full = torch.clamp(envs[0].spec.max_episode_steps - t0, max=L + eval_len)  # (N*G,) steps if it stays up
-    stats = dict(eval_len=eval_len, traj_return=traj.rewards[0].sum().item(), traj_len=n,
+    stats = dict(traj_return=traj.rewards[0].sum().item(), traj_len=n,
                  traj_log_std=traj_out["uncertainty"][0, :n].mean().item(),
                  t0_mean=t0.float().mean().item(), t0_max=int(t0.max()),
                  fell=(ep.t - t0 < full).float().mean().item(), forward=float(np.mean(root_x(envs[: N * G]) - x_start)))
     return finish_groups(args, ep, t0, group_out, scores, traj_out["env_steps"] + group_out["env_steps"], stats)
-
-
-def eval_len_at(args: Args, env_steps: int) -> int:
-    """L_eval after env_steps online steps: --eval-len, or with --eval-len-start a linear ramp
-    from it to --eval-len over the first half of the budget [ours]."""
-    if args.eval_len_start is None:
-        return args.eval_len
-    progress = min(1.0, env_steps / max(args.online_steps / 2, 1))
-    return round(args.eval_len_start + progress * (args.eval_len - args.eval_len_start))
 
 
 def collect_full_episodes(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float,
@@ -940,14 +885,6 @@ def evaluate(args: Args, model: DecisionTransformer, envs: list, data: Dataset,
 # =============================================================================================
 # The training loop: GRPO (or ODT) iterations, evaluation, checkpoints
 # =============================================================================================
-def online_lr_at(args: Args, env_steps: int) -> float:
-    """Learning rate of the iteration that starts after env_steps online steps: --online-lr, or with
-    --anneal-lr that rate decayed linearly to 0 at --online-steps [ours]."""
-    if not args.anneal_lr:
-        return args.online_lr
-    return args.online_lr * max(0.0, 1 - env_steps / max(args.online_steps, 1))
-
-
 def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, envs: list, data: Dataset,
              metrics: "Metrics", saver: "Checkpointer", target: float, gen: torch.Generator, rng: np.random.Generator,
              resume_from: Optional[dict] = None) -> tuple[float, int]:
@@ -958,7 +895,8 @@ def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, env
     opt = torch.optim.AdamW(model.parameters(), lr=args.online_lr, weight_decay=args.weight_decay)
     temp_opt = temperature_optimiser(log_temp)  # ODT keeps learning its temperature online
     buffer = best_trajectories(data, args.odt_buffer) if args.algo == "odt" else []
-    env_steps, it, next_eval, score = 0, 0, args.eval_every, float("nan")
+    # the progress bar shows the last known score: the starting policy's until the first evaluation
+    env_steps, it, next_eval, score = 0, 0, args.eval_every, saver.info.get("pretrained_score", float("nan"))
     if resume_from is not None and "opt" in resume_from:
         opt.load_state_dict(resume_from["opt"])
         temp_opt.load_state_dict(resume_from["temp_opt"])
@@ -967,17 +905,15 @@ def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, env
     bar = tqdm(total=args.online_steps, initial=min(env_steps, args.online_steps), desc=args.algo.upper(), unit="step")
     while env_steps < args.online_steps:
         tic, where = time.time(), f"{args.algo.upper()} iteration {it + 1}"
-        for group in opt.param_groups:
-            group["lr"] = online_lr_at(args, env_steps)
         if args.algo == "grpo":
-            batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng, eval_len_at(args, env_steps))
+            batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng)
             collected = time.time()
             stats.update(grpo_update(args, model, opt, batch, gen, where))
         else:
             stats = odt_explore(args, model, envs, data, buffer, online_target, gen, rng)
             collected = time.time()
             stats.update(odt_train(args, model, opt, log_temp, temp_opt, buffer, data, gen, where))
-        stats.update(lr=opt.param_groups[0]["lr"], rollout_s=collected - tic, update_s=time.time() - collected)
+        stats.update(rollout_s=collected - tic, update_s=time.time() - collected)
         env_steps, it = env_steps + stats.pop("env_steps"), it + 1
         metrics.write(phase=args.algo, step=it, env_steps=env_steps, **stats)
         evaluated = env_steps >= next_eval or env_steps >= args.online_steps
@@ -997,20 +933,27 @@ def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, env
 
 
 # =============================================================================================
-# Plumbing: argument checks, dataset download / fallback / rebuild, metrics and curves,
+# Plumbing: argument checks, datasets (download, offline fallback, rebuild), metrics and curves,
 # checkpoints and resume, the pipeline, main
 # =============================================================================================
 class UserError(Exception):
-    """Bad input from the user: printed as one line on stderr, exit code 2, no traceback."""
+    """Bad input: one line on stderr, exit code 2, no traceback."""
 
 
-def log(msg: str) -> None:
-    tqdm.write(f"[dt_grpo] {msg}", file=sys.stderr)
+class NonFiniteError(Exception):
+    """A non-finite loss, gradient or ratio: the update is not applied and the run stops."""
 
 
-def warn_loudly(msg: str) -> None:
-    bar = "!" * 88
-    tqdm.write(f"{bar}\n[dt_grpo] WARNING: {msg}\n{bar}", file=sys.stderr)
+def check_finite(where: str, **values: torch.Tensor) -> None:
+    for name, v in values.items():
+        if not torch.isfinite(v).all():
+            raise NonFiniteError(f"non-finite {name} at {where}; the update was not applied")
+
+
+def log(msg: str, loud: bool = False) -> None:
+    """A line on stderr that keeps the progress bars intact; `loud` frames a warning."""
+    frame = "!" * 88
+    tqdm.write(f"{frame}\n[dt_grpo] WARNING: {msg}\n{frame}" if loud else f"[dt_grpo] {msg}", file=sys.stderr)
 
 
 def env_family(env_id: str) -> str:
@@ -1018,46 +961,34 @@ def env_family(env_id: str) -> str:
 
 
 def check_args(args: Args) -> None:
-    """Reject nonsense numbers before any work is done."""
-    for name in ("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "eval_len"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "reset_points",
-                 "traj_len", "epochs", "minibatch_size", "eval_episodes", "eval_every", "odt_episodes",
-                 "odt_updates", "odt_buffer"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.group_size < 2:
-        raise UserError(f"--group-size must be >= 2, got {args.group_size}: a group of one is its own baseline, "
-                        "so every advantage would be 0 and GRPO would learn nothing")
-    for name in ("lr", "online_lr", "reward_scale", "init_temperature", "reset_temperature", "grad_clip"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.eval_len_start is not None and args.eval_len_start < 0:
-        raise UserError(f"--eval-len-start must be >= 0, got {args.eval_len_start}")
-    if not args.traj_std_scale >= 0:
-        raise UserError(f"--traj-std-scale must be >= 0, got {args.traj_std_scale}")
-    if not args.checkpoint_interval >= 0:
-        raise UserError(f"--checkpoint-interval must be >= 0 seconds, got {args.checkpoint_interval}")
+    """Reject nonsense before any work is done."""
+    rules = [  # (fields, test, what the value must be)
+        (("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "eval_len", "traj_std_scale",
+          "checkpoint_interval"), lambda v: v >= 0, ">= 0"),
+        (("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "reset_points", "traj_len", "epochs",
+          "minibatch_size", "eval_episodes", "eval_every", "odt_episodes", "odt_updates", "odt_buffer", "lr",
+          "online_lr", "reward_scale", "init_temperature", "reset_temperature", "grad_clip"), lambda v: v > 0, "> 0"),
+        (("group_size",), lambda v: v >= 2, ">= 2 (a group of one is its own baseline: every advantage would be 0)"),
+        (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),
+        (("clip_eps",), lambda v: 0 < v < 1, "in (0, 1)"),
+        (("target_return", "online_target_return"), lambda v: v is None or math.isfinite(v), "a finite number"),
+    ]
+    for names, ok, what in rules:
+        for name in names:
+            if not ok(getattr(args, name)):
+                raise UserError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    if args.embed_dim % args.n_head:
+        raise UserError(f"--n-head {args.n_head} must divide --embed-dim {args.embed_dim}")
     if args.resume is not None and args.init_checkpoint is not None:
         raise UserError("--resume continues a run; --init-checkpoint starts a new one: give only one")
-    for name in ("target_return", "online_target_return"):
-        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not 0 < args.clip_eps < 1:
-        raise UserError(f"--clip-eps must be in (0, 1), got {args.clip_eps}")
     prefix = f"local/{env_family(args.env).lower()}-"
-    if args.dataset is not None and args.dataset.startswith("local/") and not args.dataset.startswith(prefix):
+    if (args.dataset or "").startswith("local/") and not args.dataset.startswith(prefix):
         raise UserError(f"--dataset {args.dataset} would be built from {args.env} steps under another env's name; "
                         f"a local dataset for {args.env} must be named {prefix}...-vN, e.g. {prefix}random-v0")
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:
         raise UserError(f"--device {args.device!r} is not usable here ({str(e).splitlines()[0]})") from None
-    if args.embed_dim % args.n_head:
-        raise UserError(f"--n-head {args.n_head} must divide --embed-dim {args.embed_dim}")
 
 
 def make_env(env_id: str) -> gym.Env:
@@ -1072,7 +1003,7 @@ def make_env(env_id: str) -> gym.Env:
     if not isinstance(env.action_space, gym.spaces.Box):
         raise UserError(f"{env_id} has a {type(env.action_space).__name__} action space; "
                         "the tanh-Gaussian policy needs a continuous Box action space")
-    if not hasattr(env.unwrapped, "data") or not isinstance(env.unwrapped.data, mujoco.MjData):
+    if not isinstance(getattr(env.unwrapped, "data", None), mujoco.MjData):
         raise UserError(f"{env_id} is not a MuJoCo environment; GRPO's exact resets need MuJoCo")
     if env_family(env_id) not in ENV_TABLE:
         raise UserError(f"no reference scores for {env_id}; supported families: {', '.join(ENV_TABLE)}")
@@ -1080,20 +1011,17 @@ def make_env(env_id: str) -> gym.Env:
 
 
 def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int = 0) -> None:
-    """Write a Minari dataset of a uniform-random policy (the paper's "low-quality data" case).
-
-    `EpisodeBuffer` is filled directly with whole arrays: its `add_step_data` and
-    `minari.DataCollector` need jax, which we do not install. The dataset is written under a
-    temporary root and moved into place at the end, so a build killed half-way leaves nothing
-    that looks like a dataset. The seed is fixed, not the run's: every run that builds the
-    dataset gets the same one [ours].
-    """
+    """Write a Minari dataset of a uniform-random policy (the paper's low-quality data, D4RL's
+    "random"). `EpisodeBuffer`s are filled with whole arrays, since `add_step_data` and
+    `minari.DataCollector` need jax. Written under a temporary root and moved into place at the
+    end, so a killed build leaves nothing that looks like a dataset. The seed is fixed, not the
+    run's: every run builds the same dataset [ours]."""
     env = make_env(env_id)
     env.action_space.seed(seed)
-    buffers, steps, ep = [], 0, 0
+    buffers, steps = [], 0
     with tqdm(total=n_steps, desc=f"building {dataset_id}", unit="step") as bar:
         while steps < n_steps:
-            first_obs, _ = env.reset(seed=seed + ep)
+            first_obs, _ = env.reset(seed=seed + len(buffers))
             transitions, done = [], False
             while not done:
                 action = env.action_space.sample()
@@ -1101,14 +1029,12 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int =
                 transitions.append((obs, action, reward, terminated, truncated))
                 done = terminated or truncated
             obs, actions, rewards, terminations, truncations = map(np.array, zip(*transitions))
-            buffers.append(EpisodeBuffer(id=ep, seed=seed + ep, observations=np.concatenate([first_obs[None], obs]),
-                                         actions=actions, rewards=rewards, terminations=terminations,
-                                         truncations=truncations, infos={}))
-            steps, ep = steps + len(rewards), ep + 1
+            buffers.append(EpisodeBuffer(id=len(buffers), seed=seed + len(buffers), actions=actions, rewards=rewards,
+                                         observations=np.concatenate([first_obs[None], obs]), infos={},
+                                         terminations=terminations, truncations=truncations))
+            steps += len(rewards)
             bar.update(len(rewards))
-    final = minari.storage.get_dataset_path(dataset_id)
-    root = minari.storage.get_dataset_path()
-    tmp_root = root / f".building-{os.getpid()}"
+    final, tmp_root = minari.storage.get_dataset_path(dataset_id), minari.storage.get_dataset_path() / f".building-{os.getpid()}"
     old_root = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)  # Minari reads its root from here on every call
     try:
@@ -1122,109 +1048,78 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int =
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_root / dataset_id, final)
     finally:
-        if old_root is None:
-            del os.environ["MINARI_DATASETS_PATH"]
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = old_root
+        os.environ.pop("MINARI_DATASETS_PATH") if old_root is None else os.environ.update(MINARI_DATASETS_PATH=old_root)
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Minari downloads from the Hugging Face hub; without a network its client retries for
-    ~23 s before failing. One short TCP connect tells us first. [ours]"""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return False
+    """Without a network Minari's hub client retries for ~23 s; one short TCP connect tells first [ours]."""
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
+        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""):
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            return True
     except OSError:
-        return False
+        pass
+    return False
 
 
-def resolve_dataset(args: Args) -> str:
-    """The id of the dataset to pretrain on: --dataset, or the env's default. One that is not
-    cached is downloaded from the Minari hub; with no hub, the default falls back, loudly, to a
-    uniform-random dataset built here. A `local/` id is never downloaded."""
+def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
+    """Find the dataset (cache, then the Minari hub; the default falls back, loudly, to a local
+    random one when the hub cannot be reached), read it (a missing `local/` one is built, a
+    corrupt one rebuilt, loudly), check it fits the env and flatten it for window sampling."""
     family = env_family(args.env)
     dataset_id = args.dataset or ENV_TABLE[family]["dataset"]
-    if dataset_id.startswith("local/") or minari.storage.get_dataset_path(dataset_id).exists():
-        return dataset_id
-    if hub_reachable():
-        try:
-            minari.load_dataset(dataset_id, download=True)
-        except Exception as e:
-            raise UserError(f"cannot download dataset {dataset_id!r}: {e}") from None
-        return dataset_id
-    local_id = f"local/{family.lower()}-random-v0"
-    if args.dataset is not None:
-        raise UserError(f"dataset {args.dataset!r} is not cached and the Minari hub cannot be reached; "
-                        f"use --dataset {local_id} to pretrain on a locally built random dataset")
-    warn_loudly(f"dataset {dataset_id!r} is not cached and the Minari hub cannot be reached.\n"
-                f"[dt_grpo] FALLING BACK to {local_id!r}: a uniform-random policy on {args.env} "
-                f"(built once, then reused).\n[dt_grpo] Scores are then those of the low-quality-data "
-                f"setting, not of {dataset_id}.")
-    return local_id
-
-
-def read_dataset(args: Args, dataset_id: str) -> tuple[minari.MinariDataset, list]:
-    """Open a cached dataset and read all its episodes. A `local/` dataset that is missing is
-    built; one that is partial or corrupt (a killed build, a truncated file) is rebuilt, loudly.
-    A broken downloaded dataset is the user's to delete: it cannot be downloaded here."""
+    if not dataset_id.startswith("local/") and not minari.storage.get_dataset_path(dataset_id).exists():
+        local_id = f"local/{family.lower()}-random-v0"
+        if hub_reachable():
+            try:
+                minari.load_dataset(dataset_id, download=True)
+            except Exception as e:
+                raise UserError(f"cannot download dataset {dataset_id!r}: {e}") from None
+        elif args.dataset is not None:
+            raise UserError(f"dataset {args.dataset!r} is not cached and the Minari hub cannot be reached; "
+                            f"use --dataset {local_id} to pretrain on a locally built random dataset")
+        else:
+            log(f"dataset {dataset_id!r} is not cached and the Minari hub cannot be reached.\n[dt_grpo] FALLING "
+                f"BACK to {local_id!r}: a uniform-random policy on {args.env} (built once, then reused).\n"
+                f"[dt_grpo] Scores are then those of the low-quality-data setting, not of {dataset_id}.", loud=True)
+            dataset_id = local_id
     existed = minari.storage.get_dataset_path(dataset_id).exists()
     try:
         ds = minari.load_dataset(dataset_id)
         episodes = list(ds.iterate_episodes())  # a truncated file may open and fail only here
         if len(episodes) != ds.total_episodes:
             raise ValueError(f"{len(episodes)} of {ds.total_episodes} episodes readable")
-        return ds, episodes
     except Exception as e:
         if not dataset_id.startswith("local/"):
             raise UserError(f"cached dataset {dataset_id!r} cannot be read ({e}); delete it with "
                             f"`minari delete {dataset_id}` and run again to download it") from None
         if existed:
-            warn_loudly(f"cached dataset {dataset_id!r} is partial or corrupt ({type(e).__name__}: {e}).\n"
-                        f"[dt_grpo] REBUILDING it from scratch.")
-    if args.random_dataset_steps <= 0:
-        raise UserError(f"--random-dataset-steps must be > 0 to build {dataset_id}")
-    log(f"building {dataset_id}: {args.random_dataset_steps} uniform-random steps on {args.env}")
-    build_random_dataset(dataset_id, args.env, args.random_dataset_steps)
-    ds = minari.load_dataset(dataset_id)
-    return ds, list(ds.iterate_episodes())
-
-
-def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
-    """Find or build the Minari dataset, check it fits the env, and flatten it for window sampling."""
-    dataset_id = resolve_dataset(args)
-    ds, episodes = read_dataset(args, dataset_id)
-    obs_shape, act_shape = ds.observation_space.shape, ds.action_space.shape
-    if obs_shape != env.observation_space.shape or act_shape != env.action_space.shape:
-        raise UserError(f"dataset {dataset_id} does not fit {args.env}: its observations/actions are "
-                        f"{obs_shape}/{act_shape}, the env's {env.observation_space.shape}/{env.action_space.shape}")
+            log(f"cached dataset {dataset_id!r} is partial or corrupt ({type(e).__name__}: {e}).\n"
+                "[dt_grpo] REBUILDING it from scratch.", loud=True)
+        if args.random_dataset_steps <= 0:
+            raise UserError(f"--random-dataset-steps must be > 0 to build {dataset_id}") from None
+        log(f"building {dataset_id}: {args.random_dataset_steps} uniform-random steps on {args.env}")
+        build_random_dataset(dataset_id, args.env, args.random_dataset_steps)
+        ds = minari.load_dataset(dataset_id)
+        episodes = list(ds.iterate_episodes())
+    spaces = (ds.observation_space.shape, ds.action_space.shape)
+    if spaces != (env.observation_space.shape, env.action_space.shape):
+        raise UserError(f"dataset {dataset_id} does not fit {args.env}: its observations/actions are {spaces[0]}/"
+                        f"{spaces[1]}, the env's {env.observation_space.shape}/{env.action_space.shape}")
     recorded_on = ds.spec.env_spec.id if ds.spec.env_spec is not None else "unknown"
     if recorded_on != args.env:
-        log(f"dataset {dataset_id} was recorded on {recorded_on} and we finetune on {args.env}; "
-            "their observation and action spaces match")
+        log(f"dataset {dataset_id} was recorded on {recorded_on} and we finetune on {args.env}; their spaces match")
     data = Dataset.from_episodes(episodes, args.reward_scale)
     log(f"dataset {dataset_id}: {len(data.episode_returns)} episodes, {len(data.rtg)} steps, "
         f"return mean {data.episode_returns.mean():.1f} max {data.episode_returns.max():.1f}")
     return data, dataset_id
 
 
-class NonFiniteError(Exception):
-    """A non-finite loss, gradient or ratio: the update is not applied and the run stops."""
-
-
-def check_finite(where: str, **values: torch.Tensor) -> None:
-    for name, v in values.items():
-        if not torch.isfinite(v).all():
-            raise NonFiniteError(f"non-finite {name} at {where}; the update was not applied")
-
-
 class Metrics:
-    """metrics.csv: one row per logged event, blanks where n/a. The columns are the keys seen so
-    far: a new key adds a column (the file is rewritten with the wider header), so a new
-    diagnostic is one more key in a stats dict. On resume it keeps the first `keep_rows` rows
-    (those the checkpoint had seen) and continues the clock."""
+    """metrics.csv: one row per logged event, blank where n/a; a new key is a new column, so a
+    new diagnostic is one more key in a stats dict. Rewritten whole and atomically at each row.
+    On resume it keeps the first `keep_rows` rows (those the checkpoint had seen)."""
 
     def __init__(self, path: Path, keep_rows: Optional[int] = None, elapsed_s: float = 0.0):
         self.path, self.t_start = path, time.time() - elapsed_s
@@ -1233,51 +1128,42 @@ class Metrics:
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 self.fields, self.rows = list(reader.fieldnames), list(reader)[:keep_rows]
-        self.rewrite()
-
-    def rewrite(self) -> None:
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
 
     def elapsed(self) -> float:
         return time.time() - self.t_start
 
     def write(self, **row) -> None:
-        row["wall_time_s"] = round(self.elapsed(), 2)
-        self.rows.append(row)
-        new = [k for k in row if k not in self.fields]
-        if new:
-            self.fields += new
-            self.rewrite()
-        else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.fields).writerow(row)
+        self.rows.append(dict(row, wall_time_s=round(self.elapsed(), 2)))
+        self.fields += [k for k in self.rows[-1] if k not in self.fields]
+        with open(self.path.with_suffix(".tmp"), "w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(self.path.with_suffix(".tmp"), self.path)
+
+    def column(self, phase: str, key: str) -> tuple[list, list]:
+        rows = [r for r in self.rows if r["phase"] == phase and r.get(key) not in (None, "")]
+        return [int(r["env_steps"]) for r in rows], [float(r[key]) for r in rows]
 
 
 def plot_curves(metrics: Metrics, env_id: str) -> None:
-    """curves.png beside metrics.csv: the normalised score against env steps, and below it the
-    online diagnostics (the ratio's clip fraction and |log ρ|, the entropy estimate)."""
+    """curves.png beside metrics.csv: the score against env steps, and below it the ratio's clip
+    fraction and |log ρ| and the entropy estimate of the online updates."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe inside a notebook
-
-    def column(phase: str, key: str) -> tuple[list, list]:
-        rows = [r for r in metrics.rows if r["phase"] == phase and r.get(key) not in (None, "")]
-        return [int(r["env_steps"]) for r in rows], [float(r[key]) for r in rows]
 
     online = next((r["phase"] for r in metrics.rows if r["phase"] in ("grpo", "odt")), "grpo")
     fig = Figure(figsize=(8, 7), layout="constrained")
-    score, ratio, entropy = fig.subplots(3, 1, sharex=True)
-    score.plot(*column("eval", "norm_score"), "o-")
-    score.set(ylabel="normalised score", title=f"{env_id}: {metrics.path.parent.name}")
-    for key in ("clip_frac", "abs_log_ratio"):
-        ratio.plot(*column(online, key), label=key)
-    ratio.legend(loc="upper right")
-    ratio.set(ylabel="importance ratio")
-    entropy.plot(*column(online, "entropy"))
-    entropy.set(ylabel="entropy estimate (nats)", xlabel="online env steps")
-    for ax in (score, ratio, entropy):
+    axes = fig.subplots(3, 1, sharex=True)
+    panels = [("normalised score", [("eval", "norm_score")]), ("importance ratio", [(online, "clip_frac"), (online, "abs_log_ratio")]),
+              ("entropy estimate (nats)", [(online, "entropy")])]
+    for ax, (ylabel, curves) in zip(axes, panels):
+        for phase, key in curves:
+            ax.plot(*metrics.column(phase, key), "o-" if phase == "eval" else "-", label=key)
+        ax.set(ylabel=ylabel)
         ax.grid(alpha=0.3)
+    axes[0].set(title=f"{env_id}: {metrics.path.parent.name}")
+    axes[1].legend(loc="upper right")
+    axes[2].set(xlabel="online env steps")
     fig.savefig(metrics.path.with_name("curves.png"), dpi=80)
 
 
@@ -1286,13 +1172,11 @@ class Interrupted(Exception):
 
 
 class Checkpointer:
-    """`checkpoint.pt` in the run directory: everything a bit-identical continuation needs (args,
-    weights, temperature, optimiser states, RNG states, counters, metrics rows; the ODT buffer),
-    written atomically (temp file + rename), so a kill mid-write leaves the previous one whole.
-
-    Saved at update/iteration boundaries: every args.checkpoint_interval seconds, at each
-    evaluation, and on Ctrl-C, which only sets a flag so that the update in flight finishes
-    first. Non-finite weights are never written. [ours]"""
+    """`checkpoint.pt`: all that a bit-identical continuation needs (args, weights, temperature,
+    optimiser and RNG states, counters, the ODT buffer, how many metrics rows it has seen),
+    written atomically at update/iteration boundaries: every --checkpoint-interval seconds, at
+    each evaluation, and on Ctrl-C, which only sets a flag so that the update in flight
+    finishes first. Non-finite weights are never written [ours]."""
 
     def __init__(self, run_dir: Path, args: Args, dataset_id: str, model: DecisionTransformer, data: Dataset,
                  log_temp: torch.Tensor, metrics: Metrics, gen: torch.Generator, rng: np.random.Generator):
@@ -1311,15 +1195,13 @@ class Checkpointer:
         for name, p in self.model.state_dict().items():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise NonFiniteError(f"weights {name} are not finite; not saved")
-        ckpt = dict(args=dataclasses.asdict(self.args), dataset=self.dataset_id, phase=phase,
-                    model=self.model.state_dict(), log_temp=self.log_temp.detach().cpu(),
-                    state_mean=self.data.state_mean, state_std=self.data.state_std, info=self.info,
-                    metrics_rows=len(self.metrics.rows), elapsed_s=self.metrics.elapsed(),
-                    rng=dict(torch=torch.get_rng_state(), gen=self.gen.get_state(), numpy=self.rng.bit_generator.state),
-                    **progress)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.path)
+        torch.save(dict(args=dataclasses.asdict(self.args), dataset=self.dataset_id, phase=phase,
+                        model=self.model.state_dict(), log_temp=self.log_temp.detach().cpu(),
+                        state_mean=self.data.state_mean, state_std=self.data.state_std, info=self.info,
+                        metrics_rows=len(self.metrics.rows), elapsed_s=self.metrics.elapsed(),
+                        rng=dict(torch=torch.get_rng_state(), gen=self.gen.get_state(), numpy=self.rng.bit_generator.state),
+                        **progress), self.path.with_suffix(".tmp"))
+        os.replace(self.path.with_suffix(".tmp"), self.path)
         self.last, self.last_time = f"{self.path} ({phase} step {progress['step']})", time.time()
 
     def maybe_save(self, phase: str, force: bool = False, **progress) -> None:
@@ -1330,92 +1212,73 @@ class Checkpointer:
             raise Interrupted
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint, loaded with weights_only=True (tensors and plain containers only)."""
+def load_checkpoint(path: Path, args: Args) -> tuple[dict, Args]:
+    """A checkpoint, loaded with weights_only=True, and the args to run with: with --resume the
+    run's own (a flag given beside it must repeat the run's value), otherwise `args`."""
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path}")
+        raise UserError(f"--resume {args.resume}: the directory holds no checkpoint.pt" if args.resume else f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = Args(**ckpt["args"]) if args.resume else args
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-
-
-def check_checkpoint(ckpt: dict, path: Path, args: Args, dataset_id: str) -> None:
-    """The checkpoint must come from the same env, dataset (its state normalisation) and model shape."""
-    saved = ckpt.get("args", {})
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (this run: {getattr(args, k)})"
-             for k in ("env", "context_len", "embed_dim", "n_layer", "n_head") if saved.get(k) != getattr(args, k)]
-    if ckpt.get("dataset") != dataset_id:
-        diffs.append(f"dataset {ckpt.get('dataset')} (this run: {dataset_id})")
-    if diffs:
-        raise UserError(f"checkpoint {path} does not fit this run; it has " + ", ".join(diffs))
-
-
-def resumed_args(args: Args, ckpt: dict) -> Args:
-    """The interrupted run's own args. A flag given with --resume must repeat the run's value."""
-    try:
-        saved = Args(**ckpt["args"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"checkpoint in {args.resume} has no usable args ({e})") from None
-    default = Args()
-    for f in dataclasses.fields(Args):
+    for f in dataclasses.fields(Args) if args.resume else ():
         given = getattr(args, f.name)
-        if f.name != "resume" and given != getattr(default, f.name) and given != getattr(saved, f.name):
+        if f.name != "resume" and given != f.default and given != getattr(saved, f.name):
             raise UserError(f"--resume continues a run with its own args, but --{f.name.replace('_', '-')} {given} "
                             f"differs from the run's {getattr(saved, f.name)}; drop the flag")
-    return dataclasses.replace(saved, resume=args.resume)
+    return ckpt, dataclasses.replace(saved, resume=args.resume)
 
 
 def run(args: Args) -> dict:
-    """The whole pipeline: data, pretraining (or a checkpoint), evaluation, online finetuning,
+    """The pipeline: data, pretraining (or a checkpoint's weights), evaluation, online finetuning,
     summary; or the continuation of an interrupted run (--resume)."""
     check_args(args)
-    t_start, resume, init = time.time(), None, None
+    t_start, start_from = time.time(), None
     if args.resume is not None:
         if not Path(args.resume).is_dir():
             raise UserError(f"--resume {args.resume}: no such run directory")
-        if not (Path(args.resume) / "checkpoint.pt").is_file():
-            raise UserError(f"--resume {args.resume}: the directory holds no checkpoint.pt")
-        resume = load_checkpoint(Path(args.resume) / "checkpoint.pt")
-        args = resumed_args(args, resume)
-        log(f"resuming {args.resume} from its {resume['phase']} checkpoint at step {resume['step']}")
+        start_from, args = load_checkpoint(Path(args.resume) / "checkpoint.pt", args)
+        log(f"resuming {args.resume} from its {start_from['phase']} checkpoint at step {start_from['step']}")
     elif args.init_checkpoint is not None:
-        init = load_checkpoint(Path(args.init_checkpoint))
+        start_from, _ = load_checkpoint(Path(args.init_checkpoint), args)
+    resume = start_from if args.resume else None
     torch.manual_seed(args.seed)
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     env = make_env(args.env)
     target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
     data, dataset_id = load_data(args, env)
     data_time_s = time.time() - t_start
-    start_from = resume or init
-    if start_from is not None:
-        check_checkpoint(start_from, Path(args.resume or args.init_checkpoint), args, dataset_id)
-    run_dir = Path(args.resume or args.run_dir or
-                   f"runs/{args.env}__{args.algo}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    if start_from is not None:  # same env, dataset (its state normalisation) and model shape
+        diffs = [f"--{k.replace('_', '-')} {start_from['args'].get(k)} (this run: {getattr(args, k)})"
+                 for k in ("env", "context_len", "embed_dim", "n_layer", "n_head") if start_from["args"].get(k) != getattr(args, k)]
+        diffs += [f"dataset {start_from['dataset']} (this run: {dataset_id})"] if start_from["dataset"] != dataset_id else []
+        if diffs:
+            raise UserError(f"checkpoint {args.resume or args.init_checkpoint} does not fit this run; it has " + ", ".join(diffs))
+    run_dir = Path(args.resume or args.run_dir or f"runs/{args.env}__{args.algo}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"run directory: {run_dir}")
     metrics = Metrics(run_dir / "metrics.csv", *((resume["metrics_rows"], resume["elapsed_s"]) if resume else ()))
     model = make_model(args, data.states.shape[1], data.actions.shape[1], env.spec.max_episode_steps)
     log_temp = torch.tensor(math.log(args.init_temperature), device=args.device)
     if start_from is not None:
-        model.load_state_dict(start_from["model"])  # shapes were checked by check_checkpoint
+        model.load_state_dict(start_from["model"])
         log_temp = start_from["log_temp"].clone().to(args.device)
     log_temp.requires_grad_(True)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    envs = [make_env(args.env) for _ in range(max(args.eval_episodes, args.reset_points * args.group_size,
-                                                  args.odt_episodes))]
+    envs = [make_env(args.env) for _ in range(max(args.eval_episodes, args.reset_points * args.group_size, args.odt_episodes))]
     saver = Checkpointer(run_dir, args, dataset_id, model, data, log_temp, metrics, gen, rng)
     if resume is not None:
         torch.set_rng_state(resume["rng"]["torch"])
         gen.set_state(resume["rng"]["gen"])
         rng.bit_generator.state = resume["rng"]["numpy"]
         saver.info = resume["info"]
-    phase = resume["phase"] if resume else "online" if init else "pretrain"
+    phase = resume["phase"] if resume else "online" if start_from else "pretrain"
     previous_handler = signal.signal(signal.SIGINT, saver.on_sigint)
     try:
         if phase == "pretrain":
             pretrain(args, model, data, metrics, gen, log_temp, saver, resume)
-        if phase == "pretrain" or resume is None:  # evaluate the starting policy, then checkpoint it
+        if resume is None or phase == "pretrain":  # evaluate the starting policy, then checkpoint it
             returns, forward = evaluate(args, model, envs, data, target)
             saver.info.update(pretrained_score=float(normalised_score(args.env, returns).mean()),
                               pretrain_time_s=metrics.elapsed())
@@ -1423,7 +1286,7 @@ def run(args: Args) -> dict:
                           eval_forward=forward.mean(), **{"return": returns.mean()})
             log(f"starting policy: return {returns.mean():.1f}, normalised score {saver.info['pretrained_score']:.1f}")
             saver.maybe_save("online", force=True, step=0)
-            if init is None:
+            if start_from is None:
                 shutil.copyfile(saver.path, run_dir / "pretrained.pt")
         final_score, env_steps = saver.info["pretrained_score"], 0
         if args.online_steps > 0:
@@ -1436,18 +1299,15 @@ def run(args: Args) -> dict:
         raise NonFiniteError(f"{e}. Last good checkpoint: {saver.last}") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-
     plot_curves(metrics, args.env)
     wall = metrics.elapsed()
     summary = dict(env=args.env, dataset=dataset_id, algo=args.algo, seed=args.seed,
-                   pretrained_score=saver.info["pretrained_score"], final_score=final_score,
-                   online_env_steps=env_steps, pretrain_time_s=saver.info["pretrain_time_s"],
-                   online_time_s=wall - saver.info["pretrain_time_s"], wall_time_s=wall, data_time_s=data_time_s)
+                   pretrained_score=saver.info["pretrained_score"], final_score=final_score, online_env_steps=env_steps,
+                   pretrain_time_s=saver.info["pretrain_time_s"], online_time_s=wall - saver.info["pretrain_time_s"],
+                   wall_time_s=wall, data_time_s=data_time_s)
     summary = {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n{'env':<20}{args.env}\n{'dataset':<20}{dataset_id}\n{'algorithm':<20}{args.algo}\n"
-          f"{'starting score':<20}{summary['pretrained_score']:.1f}\n{'final score':<20}{final_score:.1f}\n"
-          f"{'online env steps':<20}{env_steps}\n{'wall time':<20}{wall:.0f} s\n{'outputs':<20}{run_dir}")
+    print("\n" + "\n".join(f"{k:<20}{v}" for k, v in summary.items()) + f"\n{'outputs':<20}{run_dir}")
     return summary
 
 

@@ -130,20 +130,6 @@ def test_reset_points_follow_uncertainty():
     assert len(t0) == 5 and set(t0.tolist()) <= {0, 1}
 
 
-def test_eval_len_schedule_hand_example():
-    """--eval-len-start: L_eval grows linearly to --eval-len over the first half of the budget."""
-    args = D.Args(eval_len=400, eval_len_start=200, online_steps=1000)
-    assert [D.eval_len_at(args, s) for s in (0, 250, 500, 900)] == [200, 300, 400, 400]
-    assert D.eval_len_at(D.Args(eval_len=400), 123) == 400  # no schedule by default
-
-
-def test_online_lr_schedule_hand_example():
-    """--anneal-lr: the online learning rate falls linearly from --online-lr to 0 at --online-steps."""
-    args = D.Args(online_lr=1e-4, online_steps=1000, anneal_lr=True)
-    assert [D.online_lr_at(args, s) for s in (0, 250, 1000, 1200)] == pytest.approx([1e-4, 7.5e-5, 0, 0])
-    assert D.online_lr_at(D.Args(online_lr=1e-4), 900) == 1e-4  # constant by default
-
-
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
@@ -584,23 +570,11 @@ def reference_run(minari_dir, tmp_path_factory):
     return d
 
 
-def test_anneal_lr_sets_the_rate_of_every_iteration(minari_dir, tmp_path):
-    """The `lr` column of metrics.csv is the rate each iteration ran with: constant by default,
-    online_lr_at(env steps before the iteration) with --anneal-lr."""
-    import csv
-
-    for flags in ([], ["--anneal-lr"]):
-        d = tmp_path / f"run{len(flags)}"
-        assert cli(*RUN_FLAGS, "--pretrain-steps", "0", "--online-lr", "1e-3", *flags, "--run-dir", str(d)).returncode == 0
-        rows = [r for r in csv.DictReader(open(d / "metrics.csv")) if r["phase"] == "grpo"]
-        args = D.Args(online_lr=1e-3, online_steps=1500, anneal_lr=bool(flags))
-        before = [0] + [int(r["env_steps"]) for r in rows[:-1]]
-        assert len(rows) > 2 and [float(r["lr"]) for r in rows] == pytest.approx([D.online_lr_at(args, s) for s in before])
-        assert (float(rows[-1]["lr"]) < float(rows[0]["lr"])) == bool(flags)
-
-
 def test_same_seed_same_results_other_seed_differs(reference_run, tmp_path):
-    assert cli(*RUN_FLAGS, "--run-dir", str(tmp_path / "again")).returncode == 0
+    r = cli(*RUN_FLAGS, "--run-dir", str(tmp_path / "again"))
+    assert r.returncode == 0
+    # the progress bar shows the last known score, the starting policy's before the first evaluation
+    assert "score=" in r.stderr and "score=nan" not in r.stderr
     assert cli(*RUN_FLAGS, "--seed", "2", "--run-dir", str(tmp_path / "seed2")).returncode == 0
     ref = outcome(reference_run)
     assert outcome(tmp_path / "again") == ref
