@@ -21,7 +21,7 @@ Run:
     python dt_grpo.py --resume runs/<run>               # continue an interrupted run
     python dt_grpo.py --help                            # every flag
 
-Tensor shapes: B batch (of windows or rollouts), K context length, G group size, N reset points
+Tensor shapes: B batch (of segments or rollouts), K context length, G group size, N reset points
 per iteration, L sampled actions per rollout, T max episode steps, S/A state/action dim, D steps
 in the offline dataset, V valid (sampled, not yet ended) rollout steps.
 """
@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -99,7 +100,7 @@ class Args:
     pretrain_steps: int = 2000
     """Gradient updates of offline pretraining [ours; ODT: 5k-10k]."""
     batch_size: int = 64
-    """Context windows per supervised update, pretraining and --algo odt [ours; ODT: 256]."""
+    """Segments of K steps per supervised update, pretraining and --algo odt [ours; ODT: 256]."""
     lr: float = 3e-4
     """Pretraining learning rate, AdamW [ours; ODT: 1e-4]."""
     weight_decay: float = 5e-4
@@ -162,7 +163,7 @@ class Args:
     odt_episodes: int = 8
     """Exploration episodes per ODT iteration, run together [ours; ODT: 1]."""
     odt_updates: int = 10
-    """Supervised updates of --batch-size windows per ODT iteration [ours; ODT: 300 of 256]."""
+    """Supervised updates of --batch-size segments per ODT iteration [ours; ODT: 300 of 256]."""
     odt_buffer: int = 1000
     """Replay buffer of trajectories, first filled with the best offline ones [ODT]."""
 
@@ -185,43 +186,49 @@ ENV_TABLE = {
 
 
 # =============================================================================================
-# Data: returns-to-go, K-step windows, the offline dataset flattened for window sampling
+# Data: returns-to-go, segments of consecutive steps, the offline dataset
 # =============================================================================================
 def returns_to_go(rewards: torch.Tensor) -> torch.Tensor:
     """Undiscounted R̂_t = sum_{u >= t} r_u along the last dim. (..., T) -> (..., T)"""
     return torch.flip(torch.cumsum(torch.flip(rewards, [-1]), -1), [-1])
 
 
-def window_indices(end: torch.Tensor, start: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices of the K steps ending at `end` (inclusive) of sequences beginning at `start`.
-
-    Left-padded like ODT: a window that would reach before `start` is masked there, and its
-    masked slots point at row `start` (a real row; the mask hides it). The same function cuts
-    training segments from the dataset and the policy's context during rollouts, so the two
-    are built identically.  end, start: (B,) -> idx (B, K), mask (B, K) bool
-    """
-    idx = end[:, None] - K + 1 + torch.arange(K, device=end.device)
-    mask = idx >= start[:, None]
-    return torch.where(mask, idx, start[:, None]), mask
-
-
 @dataclass
-class Context:
-    """A batch of DT context windows: the token inputs of one forward pass."""
+class Segment:
+    """B runs of n consecutive episode steps: the inputs of one forward pass of the DT, and the
+    action taken at each step (the targets; zero where not taken yet). A segment may start
+    before step 0 or run past the last known step: those steps are padding (`valid` False),
+    which the model never attends to."""
 
-    rtg: torch.Tensor  # (B, K, 1) scaled returns-to-go R̂
-    states: torch.Tensor  # (B, K, S) normalised
-    actions: torch.Tensor  # (B, K, A) in [-1, 1]
-    timesteps: torch.Tensor  # (B, K) absolute episode step (long)
-    mask: torch.Tensor  # (B, K) bool, False on left padding
+    rtg: torch.Tensor  # (B, n) scaled return-to-go R̂_t
+    states: torch.Tensor  # (B, n, S) normalised s_t
+    prev_actions: torch.Tensor  # (B, n, A) a_{t-1} (zero at t = 0)
+    actions: torch.Tensor  # (B, n, A) a_t
+    timesteps: torch.Tensor  # (B, n) episode step t (long)
+    valid: torch.Tensor  # (B, n) bool
 
-    def to(self, device: torch.device) -> "Context":
-        return Context(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+    def to(self, like: torch.Tensor) -> "Segment":
+        """On the device of `like`, and its float fields in its dtype (the model's weights)."""
+        fields = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return Segment(*(z.to(like.device, like.dtype if z.is_floating_point() else z.dtype) for z in fields))
+
+
+def gather_segment(rtg: torch.Tensor, states: torch.Tensor, actions: torch.Tensor, start: torch.Tensor,
+                   last: torch.Tensor, first: torch.Tensor, n: int) -> Segment:
+    """Segments of n steps from sequences stored flat: step t of sequence b is row start[b] + t,
+    steps 0..last[b] are known, and its segment begins at step first[b]. The same function cuts
+    training segments from the dataset and the policy's inputs during rollouts, so the two are
+    built identically. rtg (D,), states (D, S), actions (D, A); start, last, first (B,) long."""
+    t = first[:, None] + torch.arange(n)  # (B, n)
+    known = t.clamp(min=0).minimum(last[:, None])  # padding points at a real step
+    row, prev = start[:, None] + known, start[:, None] + (known - 1).clamp(min=0)
+    return Segment(rtg[row], states[row], actions[prev] * (t > 0)[..., None], actions[row], known,
+                   (t >= 0) & (t <= last[:, None]))
 
 
 @dataclass
 class Dataset:
-    """All dataset steps flat, with each step's episode start, ready for window sampling. It also
+    """All dataset steps flat, with each step's episode start, ready for segment sampling. It also
     owns the two token conventions that online episodes must share: state normalisation and
     the reward scale of the RTG tokens."""
 
@@ -253,45 +260,106 @@ class Dataset:
         """Raw observations (B, S) -> the normalised state tokens the DT was trained on."""
         return (torch.as_tensor(obs, dtype=torch.float32) - self.state_mean) / self.state_std
 
-    def sample(self, batch_size: int, K: int, gen: torch.Generator) -> Context:
-        """Random K-step windows. Sampling the window's last step uniformly over all steps weighs
-        episodes by length, as ODT/CORL do."""
+    def sample(self, batch_size: int, n: int, gen: torch.Generator) -> Segment:
+        """Random segments of n steps. Their last step is uniform over all steps, which weighs
+        episodes by length, as ODT/CORL do; a segment reaching before its episode is padded."""
         end = torch.randint(len(self.rtg), (batch_size,), generator=gen)
-        idx, mask = window_indices(end, self.ep_start[end], K)
-        return Context(self.rtg[idx, None], self.states[idx], self.actions[idx], idx - self.ep_start[end, None], mask)
+        start = self.ep_start[end]
+        return gather_segment(self.rtg, self.states, self.actions, start, end - start, end - start - n + 1, n)
 
 
 # =============================================================================================
 # Model: GPT-style Decision Transformer with a tanh-Gaussian action head
 # =============================================================================================
-class CausalSelfAttention(nn.Module):
-    """nanoGPT's attention, plus a key-padding mask for left-padded windows."""
+# The DT reads an episode as one stream of tokens, three per step: a_{t-1}, R̂_t, s_t (DT's
+# R̂_0 s_0 a_0 R̂_1 s_1 a_1 ..., grouped so that a step's tokens are known together; a_{-1} is
+# padding). Attention is causal and limited to a sliding window of the last W = 3K tokens, as
+# in long-context language models [ours; DT and the paper cut a separate window of K steps for
+# every action]. Two consequences make it fast and keep GRPO's ratios exact:
+#   * A token's hidden state never changes once computed, so a rollout runs only each step's
+#     three new tokens through the blocks, attending to a cache of the keys and values of the
+#     last W - 1 tokens at every layer (`Cache`): exactly what a pass over the whole stream
+#     would compute, up to float rounding.
+#   * Each layer looks at most W - 1 tokens back, so the action at step t depends on no step
+#     before t - n_layer * K (the receptive field, `burn_in`). A forward pass over a segment
+#     that starts `burn_in` steps before the first action it scores computes the same log-probs
+#     as the cached rollout did: GRPO's update scores a whole sub-trajectory in one pass, and a
+#     group's cache at its reset step is rebuilt from the stored tokens of the steps before it.
+def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, W: int) -> torch.Tensor:
+    """Which keys each query attends to: the real ones among the W tokens that end at the query.
+    Each token may always see itself, so a padding query gets a finite (unused) output instead
+    of NaN from an all-masked softmax row. Stream positions q_pos (..., Nq), k_pos (..., Nk);
+    k_valid (B, ..., Nk) bool -> (B, ..., Nq, Nk)."""
+    d = q_pos[..., :, None] - k_pos[..., None, :]
+    return (d >= 0) & (d < W) & k_valid[..., None, :] | (d == 0)
 
-    def __init__(self, E: int, n_head: int, dropout: float):
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention over the last W tokens: after a cache (a rollout step), or block by
+    block (a long segment), which gives the same result as one W-band mask at a fraction of the cost."""
+
+    def __init__(self, E: int, n_head: int, W: int, dropout: float):
         super().__init__()
         self.qkv, self.proj = nn.Linear(E, 3 * E), nn.Linear(E, E)
-        self.n_head, self.dropout = n_head, dropout
+        self.n_head, self.W, self.dropout = n_head, W, dropout
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        B, N, E = x.shape  # N = 3K tokens
-        q, k, v = self.qkv(x).split(E, dim=2)
-        q, k, v = (z.view(B, N, self.n_head, E // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None],
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, E)))
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, past: Optional[tuple] = None) -> tuple[torch.Tensor, tuple]:
+        """x (B, N, E) new tokens; valid (B, C + N): which of the C cached and N new tokens are real;
+        past: keys, values (B, H, C, E/H). Returns the output (B, N, E) and the keys and values."""
+        B, N, E = x.shape
+        q, k, v = (z.view(B, N, self.n_head, E // self.n_head).transpose(1, 2) for z in self.qkv(x).split(E, dim=2))
+        W, p = self.W, self.dropout if self.training else 0.0
+        if past is not None:  # a rollout step: the new tokens attend to the cache and to each other
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        if k.shape[2] <= 2 * W:  # a rollout step or a short segment: one mask over all keys
+            pos = torch.arange(k.shape[2], device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(pos[-N:], pos, valid, W)[:, None], dropout_p=p)
+        else:  # a long segment: query block b (W tokens) attends to the keys of blocks b - 1 and b only
+            pad = -N % W  # padding at the end: nothing before it looks at it
+            pos = torch.arange(-W, N + pad, device=x.device).unflatten(0, (-1, W))  # (nb + 1, W)
+            pairs = lambda z: torch.cat([z[..., :-1, :, :], z[..., 1:, :, :]], -2)  # blocks (b - 1, b)
+            kb, vb = (pairs(F.pad(z, (0, 0, W, pad)).unflatten(2, (-1, W))) for z in (k, v))  # (B, H, nb, 2W, E/H)
+            k_valid = pairs(F.pad(valid, (W, pad), value=False).unflatten(1, (-1, W))[..., None])[..., 0]  # (B, nb, 2W)
+            mask = band_mask(pos[1:], pairs(pos[..., None])[..., 0], k_valid, W)  # (B, nb, W, 2W)
+            qb = F.pad(q, (0, 0, 0, pad)).unflatten(2, (-1, W))  # (B, H, nb, W, E/H)
+            y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], dropout_p=p).flatten(2, 3)[:, :, :N]
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, E))), (k, v)
 
 
 class Block(nn.Module):
-    def __init__(self, E: int, n_head: int, dropout: float):
+    def __init__(self, E: int, n_head: int, W: int, dropout: float):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(E), nn.LayerNorm(E)
-        self.attn = CausalSelfAttention(E, n_head, dropout)
+        self.attn = CausalSelfAttention(E, n_head, W, dropout)
         self.mlp = nn.Sequential(nn.Linear(E, 4 * E), nn.GELU(), nn.Linear(4 * E, E), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), attn_mask)
-        return x + self.mlp(self.ln2(x))
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, past: Optional[tuple] = None) -> tuple[torch.Tensor, tuple]:
+        y, kv = self.attn(self.ln1(x), valid, past)
+        x = x + y
+        return x + self.mlp(self.ln2(x)), kv
+
+
+@dataclass
+class Cache:
+    """What a rollout keeps of each episode's stream between steps: at every layer, the keys and
+    values of its last 3K - 1 tokens, and which of them are real (not padding before step 0)."""
+
+    kv: list  # per layer: keys, values (B, H, 3K-1, E/H)
+    valid: torch.Tensor  # (B, 3K-1) bool
+
+    def __getitem__(self, rows: torch.Tensor) -> "Cache":
+        if len(rows) == len(self.valid):  # every episode is still running: no copy
+            return self
+        return Cache([(k[rows], v[rows]) for k, v in self.kv], self.valid[rows])
+
+    def __setitem__(self, rows: torch.Tensor, new: "Cache") -> None:
+        if len(rows) == len(self.valid):
+            self.kv, self.valid = new.kv, new.valid
+            return
+        for (k, v), (k_new, v_new) in zip(self.kv, new.kv):
+            k[rows], v[rows] = k_new, v_new
+        self.valid[rows] = new.valid
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # ODT's squashing range for the log-std
@@ -333,45 +401,45 @@ class TanhNormal:
 
 
 class DecisionTransformer(nn.Module):
-    """Tokens (R̂_t, s_t, a_t) per timestep, each with a linear embedding plus a learned embedding
-    of the absolute episode step t [DT]; a causal GPT; the action a_t is predicted from the
-    hidden state of the s_t token, so it sees R̂_≤t, s_≤t, a_<t only."""
+    """Tokens a_{t-1}, R̂_t, s_t per step, each with a linear embedding plus a learned embedding
+    of its absolute episode step [DT]; a causal GPT over the stream with a sliding window of 3K
+    tokens (above); the action a_t is predicted from the hidden state of the s_t token, so it
+    sees R̂_≤t, s_≤t, a_<t only."""
 
     def __init__(self, S: int, A: int, max_ep_len: int, K: int, E: int, n_layer: int, n_head: int, dropout: float):
         super().__init__()
-        self.S, self.A, self.K = S, A, K
+        self.S, self.A, self.K, self.burn_in = S, A, K, n_layer * K  # burn_in: the receptive field, in steps
         self.embed_rtg, self.embed_state, self.embed_action = nn.Linear(1, E), nn.Linear(S, E), nn.Linear(A, E)
         self.embed_t = nn.Embedding(max_ep_len, E)
         self.ln_in, self.drop = nn.LayerNorm(E), nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(E, n_head, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(E, n_head, 3 * K, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(E)
         self.head = nn.Linear(E, 2 * A)  # mean and (pre-squash) log-std
-        self.register_buffer("causal", torch.tril(torch.ones(3 * K, 3 * K, dtype=torch.bool)), persistent=False)
 
-    def forward(self, ctx: Context) -> TanhNormal:
-        """Context of B windows -> the policy at every step of every window, (B, K, A)."""
-        ctx = ctx.to(self.head.weight.device)  # rollout buffers live on the CPU, next to the simulator
-        B, K = ctx.timesteps.shape
-        t_emb = self.embed_t(ctx.timesteps)  # (B, K, E)
-        tokens = torch.stack([self.embed_rtg(ctx.rtg) + t_emb, self.embed_state(ctx.states) + t_emb,
-                              self.embed_action(ctx.actions) + t_emb], dim=2)  # (B, K, 3, E)
-        x = self.drop(self.ln_in(tokens.reshape(B, 3 * K, -1)))  # (B, 3K, E): R̂_1 s_1 a_1 R̂_2 ...
-        # Causal mask AND key padding; each token may always see itself, so padded queries give
-        # finite (ignored) outputs instead of NaN from an all-masked softmax row.
-        key_ok = ctx.mask.repeat_interleave(3, dim=1)  # (B, 3K)
-        attn_mask = self.causal[: 3 * K, : 3 * K] & (key_ok[:, None, :] | torch.eye(3 * K, dtype=torch.bool, device=x.device))
-        for block in self.blocks:
-            x = block(x, attn_mask)
-        h = self.ln_f(x).reshape(B, K, 3, -1)[:, :, 1]  # (B, K, E) hidden state of the s_t tokens
+    def forward(self, seg: Segment, past: Optional[Cache] = None) -> tuple[TanhNormal, Cache]:
+        """The policy at every step of B segments, (B, n, A), and the cache after them. `past`:
+        the cache of the stream before the segment; without it the segment starts the stream."""
+        seg = seg.to(self.head.weight)  # rollout buffers live on the CPU, next to the simulator
+        B, n = seg.timesteps.shape
+        t_emb = self.embed_t(seg.timesteps)  # (B, n, E)
+        tokens = torch.stack([self.embed_action(seg.prev_actions) + self.embed_t((seg.timesteps - 1).clamp(min=0)),
+                              self.embed_rtg(seg.rtg[..., None]) + t_emb, self.embed_state(seg.states) + t_emb], 2)
+        x = self.drop(self.ln_in(tokens.reshape(B, 3 * n, -1)))  # (B, 3n, E): a_{t-1} R̂_t s_t a_t R̂_{t+1} ...
+        valid = torch.stack([seg.valid & (seg.timesteps > 0), seg.valid, seg.valid], 2).reshape(B, 3 * n)
+        if past is not None:
+            valid = torch.cat([past.valid, valid], 1)  # (B, C + 3n): the cached tokens come first
+        kv = []
+        for i, block in enumerate(self.blocks):
+            x, layer_kv = block(x, valid, None if past is None else past.kv[i])
+            kv.append(layer_kv)
+        h = self.ln_f(x).reshape(B, n, 3, -1)[:, :, 2]  # (B, n, E) hidden states of the s_t tokens
         mean, raw_log_std = self.head(h).split(self.A, dim=-1)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(raw_log_std) + 1)
-        return TanhNormal(mean, log_std)
-
-    def last_step(self, ctx: Context) -> TanhNormal:
-        """The policy that acts: the distribution at each window's last step, (B, A). Rollouts
-        (π_old) and GRPO updates (π_θ) both call this, so the ratio compares one function."""
-        dist = self(ctx)
-        return TanhNormal(dist.mean[:, -1], dist.log_std[:, -1])
+        keep = 3 * self.K - 1  # the tokens a later step can see; older ones are dropped
+        pad = max(0, keep - valid.shape[1])  # a stream shorter than that: padding in front
+        last = lambda z: (F.pad(z, (0, 0, pad, 0)) if pad else z)[:, :, -keep:]  # (B, H, C + 3n, d) -> (B, H, keep, d)
+        cache = Cache([(last(k), last(v)) for k, v in kv], F.pad(valid, (pad, 0), value=False)[:, -keep:])
+        return TanhNormal(mean, log_std), cache
 
 
 def make_model(args: Args, S: int, A: int, max_ep_len: int) -> DecisionTransformer:
@@ -382,11 +450,11 @@ def make_model(args: Args, S: int, A: int, max_ep_len: int) -> DecisionTransform
 # =============================================================================================
 # Pretraining: ODT objective, -log-likelihood - temperature * entropy, temperature learned toward -|A|
 # =============================================================================================
-def odt_loss(model: DecisionTransformer, ctx: Context, log_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def odt_loss(model: DecisionTransformer, seg: Segment, log_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (policy loss, temperature loss, entropy). Averages over the real (unpadded) steps."""
-    dist = model(ctx)
-    m = ctx.mask.float()
-    nll = -(dist.log_prob(ctx.actions) * m).sum() / m.sum()
+    dist, _ = model(seg)
+    m = seg.valid.float().to(dist.mean.device)
+    nll = -(dist.log_prob(seg.actions.to(m.device)) * m).sum() / m.sum()
     entropy = (dist.rsample_entropy() * m).sum() / m.sum()
     temperature = log_temp.exp()
     loss = nll - temperature.detach() * entropy
@@ -401,10 +469,10 @@ def temperature_optimiser(log_temp: torch.Tensor) -> torch.optim.Optimizer:
 
 
 def odt_update(model: DecisionTransformer, opt: torch.optim.Optimizer, log_temp: torch.Tensor,
-               temp_opt: torch.optim.Optimizer, ctx: Context, grad_clip: float, where: str) -> tuple[float, float]:
+               temp_opt: torch.optim.Optimizer, seg: Segment, grad_clip: float, where: str) -> tuple[float, float]:
     """One update of the ODT objective (pretraining, and the ODT baseline's online updates):
     the policy by AdamW with gradient clipping, the log-temperature by Adam. Returns (loss, entropy)."""
-    loss, temp_loss, entropy = odt_loss(model, ctx, log_temp)
+    loss, temp_loss, entropy = odt_loss(model, seg, log_temp)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -433,8 +501,8 @@ def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Me
     for step in bar:
         for group in opt.param_groups:  # linear warm-up
             group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
-        ctx = data.sample(args.batch_size, model.K, gen).to(args.device)
-        loss, entropy = odt_update(model, opt, log_temp, temp_opt, ctx, args.grad_clip, f"pretraining update {step + 1}")
+        seg = data.sample(args.batch_size, model.K, gen)
+        loss, entropy = odt_update(model, opt, log_temp, temp_opt, seg, args.grad_clip, f"pretraining update {step + 1}")
         if step % 50 == 0 or step == args.pretrain_steps - 1:
             bar.set_postfix(loss=f"{loss:.3f}", temp=f"{log_temp.exp().item():.3f}")
             metrics.write(phase="pretrain", step=step + 1, loss=loss, temperature=log_temp.exp().item(), entropy=entropy)
@@ -447,8 +515,9 @@ def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Me
 # Rollouts and resets: B episodes advanced together, exact MuJoCo snapshots
 # =============================================================================================
 # GRPO starts G rollouts from the same point of a trajectory, so two things must be restored
-# exactly: the simulator (snapshots) and the DT's context (rows of `Episodes`). All rollouts
-# advance in lock-step, so that a step of B episodes costs one batched forward pass.
+# exactly: the simulator (snapshots) and the DT's stream (rows of `Episodes`, from which the
+# cache is rebuilt). All rollouts advance in lock-step: a step of B episodes is one batched
+# forward pass of their new tokens.
 STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: qpos, qvel, act, warm-start, time...
 
 
@@ -477,11 +546,10 @@ def set_snapshot(env: gym.Env, snapshot: np.ndarray) -> None:
 
 @dataclass
 class Episodes:
-    """B episodes in flight: everything the DT context needs, plus rewards, per episode step.
+    """B episodes in flight: the tokens fed to the DT and the rewards, per episode step.
 
-    Row b holds episode b from step 0. The context of episode b at its step t[b] is the window
-    of K rows ending at t[b] (`window_indices`), so restoring "the same DT context" after a
-    simulator reset is copying rows: nothing else is kept between steps.
+    Row b holds episode b from step 0, so restoring "the same DT stream" after a simulator
+    reset is copying rows (`branch`); the rollout rebuilds its cache from them.
     """
 
     states: torch.Tensor  # (B, T+1, S) normalised observations
@@ -515,17 +583,13 @@ class Episodes:
         self.t[rows] = t + 1
         self.done[rows] = terminated | (t + 1 >= self.states.shape[1] - 1)  # our own time limit T
 
-    def context(self, K: int, rows: torch.Tensor, t: Optional[torch.Tensor] = None) -> Context:
-        """Context windows of episodes `rows` ending at their step t (default: current step)."""
-        t = self.t[rows] if t is None else t
-        Tp1 = self.states.shape[1]
-        idx, mask = window_indices(rows * Tp1 + t, rows * Tp1, K)  # flat row indices (len(rows), K)
-
-        def gather(z: torch.Tensor) -> torch.Tensor:  # (B, T+1, ...) -> (len(rows), K, ...)
-            return z.reshape(-1, *z.shape[2:])[idx]
-
-        return Context(gather(self.rtg)[..., None], gather(self.states), gather(self.actions),
-                       idx - (rows * Tp1)[:, None], mask)
+    def segment(self, rows: torch.Tensor, first: torch.Tensor, n: int) -> Segment:
+        """Segments of n steps of episodes `rows` (B',) from their steps `first` (B',). The state
+        after the last step T is never an input: steps from T on are padding."""
+        flat = lambda z: z.reshape(-1, *z.shape[2:])  # (B, T+1, ...) -> (B(T+1), ...)
+        T_plus_1 = self.states.shape[1]
+        return gather_segment(flat(self.rtg), flat(self.states), flat(self.actions), rows * T_plus_1,
+                              self.t[rows].clamp(max=T_plus_1 - 2), first, n)
 
     def branch(self, b: int, t0: torch.Tensor) -> "Episodes":
         """len(t0) copies of episode b, cut back to the reset steps t0: the state and RTG are
@@ -536,10 +600,9 @@ class Episodes:
                         self.rtg[b] * known, t0.clone(), torch.zeros(len(t0), dtype=torch.bool), self.data)
 
 
-@torch.no_grad()
 def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, n_sampled: int,
             gen: torch.Generator, snapshots: Optional[list] = None, std_scale: float = 1.0) -> dict:
-    """Advance B episodes together, one batched forward pass per step, for at most n_steps.
+    """Advance B episodes together, one batched cached step of the DT per env step, for at most n_steps.
 
     envs[b] plays episode b. The first n_sampled actions are sampled from the policy (with its
     std scaled by std_scale; their log-probs are recorded: log π_old), the rest are mean
@@ -556,26 +619,30 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
     logp, valid = torch.zeros(B, n_sampled), torch.zeros(B, n_sampled, dtype=torch.bool)
     uncertainty = torch.full((B, n_steps), float("nan"))
     env_steps = 0
-    for j in range(n_steps):
-        rows = (~ep.done).nonzero().squeeze(1)  # (B',) episodes still running
-        if len(rows) == 0:
-            break
-        dist = model.last_step(ep.context(model.K, rows))
-        dist = TanhNormal(dist.mean.cpu(), dist.log_std.cpu())  # (B', A)
-        uncertainty[rows, j] = dist.log_std.mean(-1)
-        if j < n_sampled:
-            dist = dist.scaled(std_scale)
-            a = dist.sample(gen)
-            logp[rows, j] = dist.log_prob(a)
-            valid[rows, j] = True
-        else:
-            a = dist.mode
-        if snapshots is not None:
-            snapshots.append(get_snapshot(envs[0]))
-        steps = [envs[b].unwrapped.step(a_b) for b, a_b in zip(rows.tolist(), a.numpy())]
-        ep.record(rows, a, np.stack([s[0] for s in steps]), torch.tensor([s[1] for s in steps], dtype=torch.float32),
-                  torch.tensor([s[2] for s in steps]))
-        env_steps += len(rows)
+    with torch.inference_mode():  # no autograd bookkeeping: faster than no_grad for these small steps
+        # The cache at each episode's current step, from the stored tokens of the burn-in steps before
+        # it: exact, since nothing further back reaches the cache (see the model).
+        _, cache = model(ep.segment(torch.arange(B), ep.t - model.burn_in, model.burn_in))
+        for j in range(n_steps):
+            rows = (~ep.done).nonzero().squeeze(1)  # (B',) episodes still running
+            if len(rows) == 0:
+                break
+            dist, cache[rows] = model(ep.segment(rows, ep.t[rows], 1), cache[rows])  # one step: 3 new tokens
+            dist = TanhNormal(dist.mean[:, 0].float().cpu(), dist.log_std[:, 0].float().cpu())  # (B', A), float32 beside the simulator
+            uncertainty[rows, j] = dist.log_std.mean(-1)
+            if j < n_sampled:
+                dist = dist.scaled(std_scale)
+                a = dist.sample(gen)
+                logp[rows, j] = dist.log_prob(a)
+                valid[rows, j] = True
+            else:
+                a = dist.mode
+            if snapshots is not None:
+                snapshots.append(get_snapshot(envs[0]))
+            steps = [envs[b].unwrapped.step(a_b) for b, a_b in zip(rows.tolist(), a.numpy())]
+            ep.record(rows, a, np.stack([s[0] for s in steps]), torch.tensor([s[1] for s in steps], dtype=torch.float32),
+                      torch.tensor([s[2] for s in steps]))
+            env_steps += len(rows)
     return dict(logp=logp, valid=valid, uncertainty=uncertainty, env_steps=env_steps)
 
 
@@ -649,20 +716,12 @@ def group_advantages(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 class GroupBatch:
     """What one GRPO iteration collected: N*G rollouts of L sampled actions each."""
 
-    ep: Episodes  # (B = N*G) rollout histories (whose rows the contexts are cut from)
+    ep: Episodes  # (B = N*G) rollout histories (whose rows the update's segments are cut from)
     t0: torch.Tensor  # (B,) reset step of each rollout
     logp_old: torch.Tensor  # (B, L) log π_old of the sampled actions, recorded while acting (L = T with --full-episodes)
     valid: torch.Tensor  # (B, L) bool, False after the episode ended
     scores: torch.Tensor  # (N, G) R_i
     adv: torch.Tensor  # (B,) group advantages
-
-    def windows(self, rows: torch.Tensor, K: int) -> tuple[Context, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The exact context windows under which the sampled actions of `rows` were taken, for the
-        valid steps only (an episode may end before L): Context of V windows, actions (V, A), and
-        (i, j) such that window v is sampled step j of rollout rows[i]."""
-        i, j = self.valid[rows].nonzero(as_tuple=True)  # (V,), (V,)
-        r, t = rows[i], self.t0[rows[i]] + j
-        return self.ep.context(K, r, t), self.ep.actions[r, t], (i, j)
 
 
 def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dataset, target: float,
@@ -771,12 +830,18 @@ def grpo_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, valid: torc
 
 
 def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π_θ of the sampled actions of rollouts `rows` under their exact rollout contexts,
-    (len(rows), L) with zeros at invalid steps, and the mean entropy estimate over those steps."""
-    ctx, actions, (i, j) = batch.windows(rows, model.K)
-    dist = model.last_step(ctx)  # (V, A)
-    logp = torch.zeros(len(rows), batch.logp_old.shape[1]).index_put((i, j), dist.log_prob(actions.to(dist.mean.device)).cpu())
-    return logp, dist.rsample_entropy().mean().cpu()
+    """log π_θ of the sampled actions of rollouts `rows`, (len(rows), L) with zeros at invalid
+    steps, and the mean entropy estimate over the valid ones. One forward pass over a segment per
+    rollout: the burn-in steps before its reset step t0, whose tokens only rebuild the context,
+    then its L sampled steps, each scored under exactly the inputs it was sampled with (see the
+    model)."""
+    L, burn = batch.logp_old.shape[1], model.burn_in
+    seg = batch.ep.segment(rows, batch.t0[rows] - burn, burn + L)
+    dist, _ = model(seg)
+    dist = TanhNormal(dist.mean[:, burn:], dist.log_std[:, burn:])  # (B', L, A)
+    valid = batch.valid[rows]
+    logp = dist.log_prob(seg.actions[:, burn:].to(dist.mean.device)).cpu()
+    return logp * valid, dist.rsample_entropy().cpu()[valid].mean()
 
 
 def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer, batch: GroupBatch,
@@ -854,8 +919,8 @@ def odt_train(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer
     model.train()
     losses, entropies = [], []
     for _ in range(args.odt_updates):
-        ctx = replay.sample(args.batch_size, model.K, gen).to(args.device)
-        loss, entropy = odt_update(model, opt, log_temp, temp_opt, ctx, args.grad_clip, where)
+        loss, entropy = odt_update(model, opt, log_temp, temp_opt, replay.sample(args.batch_size, model.K, gen),
+                                   args.grad_clip, where)
         losses.append(loss)
         entropies.append(entropy)
     model.eval()
@@ -997,9 +1062,14 @@ def make_env(env_id: str) -> gym.Env:
         spec = gym.spec(env_id)
     except gym.error.Error as e:
         raise UserError(f"unknown environment {env_id!r} ({e})") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Hopper-v4 is out of date": known, v4 is the D4RL-era env
-        env = gym.make(spec)
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(lambda msg: None)  # HalfCheetah-v4's XML: "'settotalmass' is deprecated", per env
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Hopper-v4 is out of date": known, v4 is the D4RL-era env
+            env = gym.make(spec)
+    finally:
+        mujoco.set_mju_user_warning(previous)
     if not isinstance(env.action_space, gym.spaces.Box):
         raise UserError(f"{env_id} has a {type(env.action_space).__name__} action space; "
                         "the tanh-Gaussian policy needs a continuous Box action space")
@@ -1300,14 +1370,18 @@ def run(args: Args) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     plot_curves(metrics, args.env)
-    wall = metrics.elapsed()
+    wall, online = metrics.elapsed(), [r for r in metrics.rows if r["phase"] == args.algo]
     summary = dict(env=args.env, dataset=dataset_id, algo=args.algo, seed=args.seed,
                    pretrained_score=saver.info["pretrained_score"], final_score=final_score, online_env_steps=env_steps,
                    pretrain_time_s=saver.info["pretrain_time_s"], online_time_s=wall - saver.info["pretrain_time_s"],
-                   wall_time_s=wall, data_time_s=data_time_s)
+                   wall_time_s=wall, data_time_s=data_time_s,
+                   # to compare machines and versions: the speed of rollouts and updates, and the peak memory
+                   rollout_env_steps_per_s=env_steps / max(sum(float(r["rollout_s"]) for r in online), 1e-9) if online else 0.0,
+                   update_s_per_iteration=float(np.mean([float(r["update_s"]) for r in online])) if online else 0.0,
+                   peak_memory_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # this process (Linux: KiB)
     summary = {k: round(v, 2) if isinstance(v, float) else v for k, v in summary.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n" + "\n".join(f"{k:<20}{v}" for k, v in summary.items()) + f"\n{'outputs':<20}{run_dir}")
+    print("\n" + "\n".join(f"{k:<26}{v}" for k, v in summary.items()) + f"\n{'outputs':<26}{run_dir}")
     return summary
 
 

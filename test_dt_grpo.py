@@ -41,6 +41,7 @@ def minari_dir(tmp_path_factory):
     os.environ["MINARI_DATASETS_PATH"] = str(root)
     D.build_random_dataset("local/hopper-random-v0", "Hopper-v4", 2000, seed=0)
     D.build_random_dataset("test/hopper-random-v0", "Hopper-v4", 300, seed=0)  # a cached non-local dataset
+    D.build_random_dataset("local/halfcheetah-random-v0", "HalfCheetah-v4", 1000, seed=0)  # one 1000-step episode
     return root
 
 
@@ -70,19 +71,29 @@ def test_returns_to_go_hand_example():
     assert rtg.tolist() == [[5.0, 4.0, 2.0, -1.0], [1.0, 1.0, 1.0, 0.0]]
 
 
-def test_window_indices_left_pad():
-    idx, mask = D.window_indices(torch.tensor([1, 5]), torch.tensor([0, 2]), K=3)
-    assert idx.tolist() == [[0, 0, 1], [3, 4, 5]]
-    assert mask.tolist() == [[False, True, True], [True, True, True]]
+def test_gather_segment_hand_example():
+    """Two sequences stored flat (rows 0-3 and 4-8); segments of 3 steps, one reaching before
+    step 0 (padding there) and one past the last known step (padding there too)."""
+    rtg = torch.arange(9.0)
+    states = torch.arange(9.0)[:, None].repeat(1, 2)
+    actions = 10 + torch.arange(9.0)[:, None]
+    seg = D.gather_segment(rtg, states, actions, start=torch.tensor([0, 4]), last=torch.tensor([3, 2]),
+                           first=torch.tensor([-1, 1]), n=3)
+    assert seg.valid.tolist() == [[False, True, True], [True, True, False]]
+    assert seg.timesteps.tolist() == [[0, 0, 1], [1, 2, 2]]  # padding points at a real step
+    assert seg.rtg[seg.valid].tolist() == [0.0, 1.0, 5.0, 6.0]
+    assert seg.actions[seg.valid][:, 0].tolist() == [10.0, 11.0, 15.0, 16.0]
+    assert seg.prev_actions[seg.valid][:, 0].tolist() == [0.0, 10.0, 14.0, 15.0]  # a_{t-1}; zero at t = 0
 
 
-def test_dataset_windows_stay_inside_one_episode(setup):
+def test_dataset_segments_stay_inside_one_episode(setup):
     _, _, data, _ = setup
-    ctx = data.sample(256, 5, torch.Generator().manual_seed(0))
-    assert ctx.mask[:, -1].all()  # the last step of a window is always real
-    t = ctx.timesteps.masked_fill(~ctx.mask, -1)
-    real_steps = t[:, 1:][ctx.mask[:, :-1]] - t[:, :-1][ctx.mask[:, :-1]]
-    assert (real_steps == 1).all()  # consecutive steps of one episode, never across a boundary
+    seg = data.sample(256, 5, torch.Generator().manual_seed(0))
+    assert seg.valid[:, -1].all()  # the last step of a segment is always real
+    t = seg.timesteps.masked_fill(~seg.valid, -1)
+    real = seg.valid[:, :-1]
+    assert ((t[:, 1:] - t[:, :-1])[real] == 1).all()  # consecutive steps of one episode, never across a boundary
+    assert not seg.valid.all()  # and some segments reach before their episode's start
 
 
 def test_group_advantages_hand_example():
@@ -156,46 +167,86 @@ def test_log_prob_is_finite_at_action_bounds():
     assert torch.isfinite(dist.log_prob(torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, 1.0]]))).all()
 
 
-def random_context(B=3, K=6, S=11, A=3, seed=0):
+def random_segment(B=3, n=6, S=11, A=3, seed=0, first=0):
+    """B random episodes of 60 steps stored flat, and their segments of n steps from `first`."""
     g = torch.Generator().manual_seed(seed)
-    return D.Context(torch.randn(B, K, 1, generator=g), torch.randn(B, K, S, generator=g),
-                     torch.rand(B, K, A, generator=g) * 2 - 1, torch.randint(0, 900, (B, K), generator=g),
-                     torch.ones(B, K, dtype=torch.bool))
+    rtg, states, actions = torch.randn(B * 60, generator=g), torch.randn(B * 60, S, generator=g), torch.rand(B * 60, A, generator=g) * 2 - 1
+    return D.gather_segment(rtg, states, actions, torch.arange(B) * 60, torch.full((B,), 59), torch.full((B,), first), n)
+
+
+def tiny_model(K=6, n_layer=2):
+    torch.manual_seed(0)
+    return D.DecisionTransformer(11, 3, 1000, K, 32, n_layer, 2, 0.0).eval()
+
+
+def copy(seg):
+    return D.Segment(*(getattr(seg, f.name).clone() for f in dataclasses.fields(seg)))
 
 
 @pytest.mark.parametrize("p", [0, 2, 4])
 def test_causality(p):
     """Changing any token after s_p (a_p, and everything at steps > p) changes no output at steps <= p;
     changing s_p does change the output at p."""
-    torch.manual_seed(0)
-    model = D.DecisionTransformer(11, 3, 1000, 6, 32, 2, 2, 0.0).eval()
-    ctx = random_context()
-    changed = random_context(seed=1)
-    after = D.Context(ctx.rtg.clone(), ctx.states.clone(), ctx.actions.clone(), ctx.timesteps.clone(), ctx.mask)
-    after.rtg[:, p + 1:], after.states[:, p + 1:], after.timesteps[:, p + 1:] = (
-        changed.rtg[:, p + 1:], changed.states[:, p + 1:], changed.timesteps[:, p + 1:])
-    after.actions[:, p:] = changed.actions[:, p:]
+    model, seg = tiny_model(), random_segment()
+    changed, after = random_segment(seed=1), copy(seg)
+    after.rtg[:, p + 1:], after.states[:, p + 1:], after.prev_actions[:, p + 1:] = (
+        changed.rtg[:, p + 1:], changed.states[:, p + 1:], changed.prev_actions[:, p + 1:])
     with torch.no_grad():
-        d0, d1 = model(ctx), model(after)
+        d0, d1 = model(seg)[0], model(after)[0]
     torch.testing.assert_close(d0.mean[:, : p + 1], d1.mean[:, : p + 1], rtol=0, atol=1e-6)
     torch.testing.assert_close(d0.log_std[:, : p + 1], d1.log_std[:, : p + 1], rtol=0, atol=1e-6)
     assert not torch.allclose(d0.mean[:, p + 1:], d1.mean[:, p + 1:])
     after.states[:, p] += 1.0
     with torch.no_grad():
-        assert not torch.allclose(model(after).mean[:, p], d0.mean[:, p])
+        assert not torch.allclose(model(after)[0].mean[:, p], d0.mean[:, p])
 
 
-def test_left_padding_is_invisible():
-    """The contents of padded slots do not change the outputs at real steps."""
-    torch.manual_seed(0)
-    model = D.DecisionTransformer(11, 3, 1000, 6, 32, 2, 2, 0.0).eval()
-    ctx = random_context()
-    ctx.mask[:, :2] = False
-    other = random_context(seed=5)
-    padded = D.Context(ctx.rtg.clone(), ctx.states.clone(), ctx.actions.clone(), ctx.timesteps.clone(), ctx.mask)
-    padded.states[:, :2], padded.rtg[:, :2], padded.actions[:, :2] = other.states[:, :2], other.rtg[:, :2], other.actions[:, :2]
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_sliding_window_and_receptive_field(n_layer):
+    """Attention sees the last 3K tokens: with one layer, the action at step t depends on steps
+    t-K+1..t only (its a_{t-K} token too) and on nothing before; with n layers, on nothing before
+    t - n*K (the receptive field, `burn_in`), and on step t - n*(K-1) still."""
+    K, t = 4, 30
+    model, seg = tiny_model(K, n_layer), random_segment(n=t + 1)
+    assert model.burn_in == n_layer * K
     with torch.no_grad():
-        torch.testing.assert_close(model(ctx).mean[:, 2:], model(padded).mean[:, 2:], rtol=0, atol=1e-6)
+        ref = model(seg)[0].mean[:, t]
+        for step, influences in ((t - n_layer * K, False), (t - n_layer * K - 5, False), (t - n_layer * (K - 1), True)):
+            other = copy(seg)
+            other.rtg[:, step] += 1.0
+            other.states[:, step] += 1.0
+            moved = (model(other)[0].mean[:, t] - ref).abs().max().item()
+            assert (moved > 1e-4) == influences, (step, moved)
+
+
+def test_padding_is_invisible():
+    """The contents of padding steps (before step 0) do not change the outputs at real steps."""
+    model, seg = tiny_model(), random_segment(first=-2)
+    other = copy(seg)
+    other.states[:, :2], other.rtg[:, :2], other.prev_actions[:, :3] = 5.0, 5.0, 0.5  # a_{-1} is padding too
+    assert seg.valid.tolist()[0] == [False, False, True, True, True, True]
+    with torch.no_grad():
+        torch.testing.assert_close(model(seg)[0].mean[:, 2:], model(other)[0].mean[:, 2:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("first", [0, 40])
+def test_cached_steps_equal_one_pass(first):
+    """A rollout runs one step at a time from its cache (rebuilt from the burn-in steps before the
+    first); a single pass over the whole segment gives the same policy, before and after the band
+    (3K tokens) has filled and deep into an episode."""
+    model = tiny_model(K=4, n_layer=2)
+    n = 20
+    full = random_segment(n=model.burn_in + n, first=first - model.burn_in)
+    with torch.no_grad():
+        ref = model(full)[0]
+        _, cache = model(random_segment(n=model.burn_in, first=first - model.burn_in))
+        means, log_stds = [], []
+        for t in range(first, first + n):
+            dist, cache = model(random_segment(n=1, first=t), cache)
+            means.append(dist.mean[:, 0])
+            log_stds.append(dist.log_std[:, 0])
+    assert (torch.stack(means, 1) - ref.mean[:, model.burn_in:]).abs().max() < 1e-5
+    assert (torch.stack(log_stds, 1) - ref.log_std[:, model.burn_in:]).abs().max() < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,33 +294,83 @@ def group_batch(setup):
 
 
 def test_collect_groups_shapes_and_group_starts(group_batch, setup):
-    args, _, _, _ = setup
+    args, _, _, model = setup
     batch, stats = group_batch
     N, G, L = args.reset_points, args.group_size, args.traj_len
     assert batch.scores.shape == (N, G) and batch.logp_old.shape == (N * G, L) and batch.adv.shape == (N * G,)
     t0 = batch.t0.view(N, G)
     assert (t0 == t0[:, :1]).all()  # a group shares its reset point
-    # a group shares its DT context at the reset point (up to a_t0, which each member samples;
-    # padded slots are masked and may hold anything)
-    ctx = batch.ep.context(args.context_len, torch.arange(N * G), batch.t0)
-    m = ctx.mask
-    for v in (ctx.states * m[..., None], ctx.rtg * m[..., None], ctx.timesteps * m, (ctx.actions * m[..., None])[:, :-1]):
+    # a group shares the DT's inputs up to its reset point (up to a_t0, which each member samples;
+    # padding may hold anything)
+    seg = batch.ep.segment(torch.arange(N * G), batch.t0 - model.burn_in, model.burn_in + 1)
+    m = seg.valid
+    for v in (seg.states * m[..., None], seg.rtg * m, seg.timesteps * m, seg.prev_actions * m[..., None],
+              (seg.actions * m[..., None])[:, :-1]):
         v = v.view(N, G, *v.shape[1:])
         assert (v == v[:, :1]).all()
-    a0 = ctx.actions[:, -1].view(N, G, -1)
+    a0 = seg.actions[:, -1].view(N, G, -1)
     assert not (a0 == a0[:, :1]).all()
     assert batch.valid[:, 0].all() and stats["env_steps"] > 0
 
 
+@pytest.fixture(scope="session")
+def group_batch64(setup):
+    """The iteration of `group_batch` with the model in float64."""
+    args, envs, data, model = setup
+    model64 = D.make_model(args, 11, 3, 1000).double().eval()
+    model64.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    batch, _ = D.collect_groups(args, model64, envs, data, 3600.0, torch.Generator().manual_seed(0),
+                                np.random.default_rng(0))
+    return model64, batch
+
+
 @pytest.mark.parametrize("mode", ["joint", "mean", "token"])
-def test_ratio_is_one_before_any_update(group_batch, setup, mode):
-    _, _, _, model = setup
-    batch, _ = group_batch
-    rows = torch.arange(len(batch.adv))
+def test_ratio_is_one_before_any_update(group_batch64, group_batch, setup, mode):
+    """log π_old, recorded step by step from the cache while acting, equals the update's one-pass
+    log π_θ before any update: to 1e-5 in float64, where only the inputs matter (the same tokens,
+    steps and burn-in), and per action to float32 rounding at the default precision, where the
+    cached step and the one-pass segment round differently (~1e-5 at the defaults)."""
+    model64, batch64 = group_batch64
     with torch.no_grad():
-        logp, _ = D.batch_log_probs(model, batch, rows)
-        lr = D.log_ratios(logp, batch.logp_old, batch.valid.float(), mode)
-    assert lr.abs().max() < 1e-5
+        logp, _ = D.batch_log_probs(model64, batch64, torch.arange(len(batch64.adv)))
+    assert D.log_ratios(logp, batch64.logp_old, batch64.valid.float(), mode).abs().max() < 1e-5
+    batch, _ = group_batch
+    with torch.no_grad():
+        logp, _ = D.batch_log_probs(setup[3], batch, torch.arange(len(batch.adv)))
+    assert ((logp - batch.logp_old) * batch.valid).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="session")
+def cheetah(minari_dir):
+    """A tiny model on HalfCheetah, whose episodes never end before the time limit, and a
+    mean-action trajectory of it with a snapshot at every step."""
+    args = D.Args(env="HalfCheetah-v4", dataset="local/halfcheetah-random-v0", **TINY)
+    data, _ = D.load_data(args, D.make_env(args.env))
+    torch.manual_seed(0)
+    model = D.make_model(args, 17, 6, 1000).double().eval()  # float64: only the inputs matter (above)
+    envs = [D.make_env(args.env) for _ in range(4)]
+    snapshots = []
+    traj, _ = D.play_episodes(model, envs, [0], 6000.0, data, torch.Generator(), std_scale=0, snapshots=snapshots)
+    return args, model, envs, traj, snapshots
+
+
+@pytest.mark.parametrize("mode", ["joint", "mean", "token"])
+def test_ratio_is_one_deep_in_an_episode_and_at_the_time_limit(cheetah, mode):
+    """The same, for reset points within the receptive field of the episode start, past it
+    (t0 > n_layer * K), and at the time limit, where a rollout is truncated and its segment runs
+    past the last step."""
+    args, model, envs, traj, snapshots = cheetah
+    t0 = torch.tensor([3, model.burn_in + 30, 500, 997])
+    ep = traj.branch(0, t0)
+    for env, t in zip(envs, t0.tolist()):
+        D.set_snapshot(env, snapshots[t])
+    out = D.rollout(model, envs, ep, args.traj_len + args.eval_len, args.traj_len, torch.Generator().manual_seed(0))
+    assert ep.t.tolist() == [19, model.burn_in + 46, 516, 1000] and out["valid"].sum(1).tolist() == [6, 6, 6, 3]
+    batch = D.GroupBatch(ep, t0, out["logp"], out["valid"], torch.zeros(1, 4), torch.ones(4))
+    with torch.no_grad():
+        logp, _ = D.batch_log_probs(model, batch, torch.arange(4))
+    assert D.log_ratios(logp, batch.logp_old, batch.valid.float(), mode).abs().max() < 1e-5
 
 
 def test_hindsight_relabel_changes_rtg_only_and_breaks_ratios(group_batch, setup):
@@ -332,8 +433,9 @@ def test_actions_after_the_sampled_ones_are_the_mean_action(group_batch, setup):
         t = batch.t0 + j
         live = t < batch.ep.t
         assert live.any()
-        with torch.no_grad():
-            mode = model.last_step(batch.ep.context(model.K, rows[live], t[live])).mode
+        with torch.no_grad():  # the policy at step t: a pass over the burn-in steps before it and t
+            dist, _ = model(batch.ep.segment(rows[live], t[live] - model.burn_in, model.burn_in + 1))
+            mode = torch.tanh(dist.mean[:, -1])
         taken = batch.ep.actions[rows[live], t[live]]
         if sampled:
             assert batch.valid[live, j].all() and (taken - mode).abs().max() > 1e-3
@@ -366,7 +468,7 @@ def test_entropy_bonus_raises_entropy(group_batch, setup):
     batch, _ = group_batch
     B = len(batch.adv)
     batch = dataclasses.replace(batch, adv=torch.tensor([1.0, -1.0]).repeat(B // 2 + 1)[:B])
-    ctx, _, _ = batch.windows(torch.arange(B), args.context_len)
+    seg = batch.ep.segment(torch.arange(B), batch.t0 - args.n_layer * args.context_len, 20)
 
     def log_std_after(ent_coef: float) -> float:
         model = D.make_model(args, 11, 3, 1000)
@@ -375,7 +477,7 @@ def test_entropy_bonus_raises_entropy(group_batch, setup):
         upd_args = D.Args(**{**TINY, "minibatch_size": B, "epochs": 1, "ent_coef": ent_coef})
         D.grpo_update(upd_args, model, torch.optim.SGD(model.parameters(), lr=1e-2), batch, torch.Generator().manual_seed(0))
         with torch.no_grad():
-            return model.last_step(ctx).log_std.mean().item()
+            return model(seg)[0].log_std[seg.valid].mean().item()
 
     assert log_std_after(1.0) > log_std_after(0.0) + 1e-4
 
