@@ -182,6 +182,8 @@ ENV_TABLE = {
     "Walker2d": dict(dataset="mujoco/walker2d/medium-v0", target=5000.0, ref_min=1.629008, ref_max=4592.3),
     "HalfCheetah": dict(dataset="mujoco/halfcheetah/medium-v0", target=6000.0, ref_min=-280.178953, ref_max=12135.0),
     "Ant": dict(dataset="mujoco/ant/medium-v0", target=5000.0, ref_min=-325.6, ref_max=3879.7),
+    # the learning ladder's small task (docs/study.md): [ours] random = 50 uniform-random episodes here, max = 1000
+    "InvertedPendulum": dict(dataset="mujoco/invertedpendulum/medium-v0", target=1000.0, ref_min=6.8, ref_max=1000.0),
 }
 
 
@@ -229,8 +231,8 @@ def gather_segment(rtg: torch.Tensor, states: torch.Tensor, actions: torch.Tenso
 @dataclass
 class Dataset:
     """All dataset steps flat, with each step's episode start, ready for segment sampling. It also
-    owns the two token conventions that online episodes must share: state normalisation and
-    the reward scale of the RTG tokens."""
+    owns the token conventions that online episodes must share: state normalisation, actions
+    scaled from the env's bounds to the policy's [-1, 1], and the reward scale of the RTG tokens."""
 
     states: torch.Tensor  # (D, S) normalised
     actions: torch.Tensor  # (D, A)
@@ -238,27 +240,36 @@ class Dataset:
     ep_start: torch.Tensor  # (D,) flat index of the first step of the step's episode
     state_mean: torch.Tensor  # (S,)
     state_std: torch.Tensor  # (S,)
+    action_mid: torch.Tensor  # (A,) centre and half-width of the env's action bounds, which the
+    action_half: torch.Tensor  # (A,)   policy's [-1, 1] maps to (0 and 1 for MuJoCo's locomotion envs)
     episode_returns: np.ndarray  # (episodes,)
     reward_scale: float
 
     @staticmethod
-    def from_episodes(episodes: list, reward_scale: float) -> "Dataset":
+    def from_episodes(episodes: list, reward_scale: float, action_space: gym.spaces.Box) -> "Dataset":
         """Flatten Minari episodes: observations (T+1, S) (the last follows the last action),
         actions (T, A), rewards (T,)."""
         lengths = torch.tensor([len(ep.rewards) for ep in episodes])
         states = np.concatenate([ep.observations[:-1] for ep in episodes]).astype(np.float32)
         mean, std = states.mean(0), states.std(0) + 1e-6
+        low, high = (torch.as_tensor(b, dtype=torch.float32) for b in (action_space.low, action_space.high))
+        mid, half = (high + low) / 2, (high - low) / 2
+        actions = torch.as_tensor(np.concatenate([ep.actions for ep in episodes]), dtype=torch.float32)
         rtg = torch.cat([returns_to_go(torch.as_tensor(ep.rewards, dtype=torch.float64)) for ep in episodes])
-        return Dataset(states=torch.as_tensor((states - mean) / std),
-                       actions=torch.as_tensor(np.concatenate([ep.actions for ep in episodes]), dtype=torch.float32),
+        return Dataset(states=torch.as_tensor((states - mean) / std), actions=(actions - mid) / half,
                        rtg=(rtg * reward_scale).float(),
                        ep_start=torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths),
-                       state_mean=torch.as_tensor(mean), state_std=torch.as_tensor(std),
-                       episode_returns=np.array([ep.rewards.sum() for ep in episodes]), reward_scale=reward_scale)
+                       state_mean=torch.as_tensor(mean), state_std=torch.as_tensor(std), action_mid=mid,
+                       action_half=half, episode_returns=np.array([ep.rewards.sum() for ep in episodes]),
+                       reward_scale=reward_scale)
 
     def normalise(self, obs: np.ndarray) -> torch.Tensor:
         """Raw observations (B, S) -> the normalised state tokens the DT was trained on."""
         return (torch.as_tensor(obs, dtype=torch.float32) - self.state_mean) / self.state_std
+
+    def env_action(self, a: torch.Tensor) -> np.ndarray:
+        """Policy actions (B, A) in [-1, 1] -> the env's units (exactly a for bounds of [-1, 1])."""
+        return (self.action_mid + self.action_half * a).numpy()
 
     def sample(self, batch_size: int, n: int, gen: torch.Generator) -> Segment:
         """Random segments of n steps. Their last step is uniform over all steps, which weighs
@@ -317,11 +328,10 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(pos[-N:], pos, valid, W)[:, None], dropout_p=p)
         else:  # a long segment: query block b (W tokens) attends to the keys of blocks b - 1 and b only
             pad = -N % W  # padding at the end: nothing before it looks at it
-            pos = torch.arange(-W, N + pad, device=x.device).unflatten(0, (-1, W))  # (nb + 1, W)
-            pairs = lambda z: torch.cat([z[..., :-1, :, :], z[..., 1:, :, :]], -2)  # blocks (b - 1, b)
-            kb, vb = (pairs(F.pad(z, (0, 0, W, pad)).unflatten(2, (-1, W))) for z in (k, v))  # (B, H, nb, 2W, E/H)
-            k_valid = pairs(F.pad(valid, (W, pad), value=False).unflatten(1, (-1, W))[..., None])[..., 0]  # (B, nb, 2W)
-            mask = band_mask(pos[1:], pairs(pos[..., None])[..., 0], k_valid, W)  # (B, nb, W, 2W)
+            windows = lambda z, dim: F.pad(z, (0, 0) * (z.dim() - dim - 1) + (W, pad)).unfold(dim, 2 * W, W)  # views
+            kb, vb = (windows(z, 2).transpose(-1, -2) for z in (k, v))  # (B, H, nb, 2W, E/H)
+            mask = band_mask(torch.arange(N + pad, device=x.device).unflatten(0, (-1, W)),  # (nb, W) query positions
+                             torch.arange(-W, N + pad, device=x.device).unfold(0, 2 * W, W), windows(valid, 1), W)
             qb = F.pad(q, (0, 0, 0, pad)).unflatten(2, (-1, W))  # (B, H, nb, W, E/H)
             y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], dropout_p=p).flatten(2, 3)[:, :, :N]
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, E))), (k, v)
@@ -362,6 +372,7 @@ class Cache:
         self.valid[rows] = new.valid
 
 
+LONG_SEGMENT = 500  # steps; only --full-episodes' whole episodes are longer, their blocks are checkpointed [ours]
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # ODT's squashing range for the log-std
 ACTION_CLAMP = 1 - 1e-6  # dataset actions at exactly ±1 would give atanh = ±inf
 
@@ -430,7 +441,11 @@ class DecisionTransformer(nn.Module):
             valid = torch.cat([past.valid, valid], 1)  # (B, C + 3n): the cached tokens come first
         kv = []
         for i, block in enumerate(self.blocks):
-            x, layer_kv = block(x, valid, None if past is None else past.kv[i])
+            inputs = (x, valid, None if past is None else past.kv[i])
+            if torch.is_grad_enabled() and n > LONG_SEGMENT:  # recompute in backward: a third of the memory
+                x, layer_kv = torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+            else:
+                x, layer_kv = block(*inputs)
             kv.append(layer_kv)
         h = self.ln_f(x).reshape(B, n, 3, -1)[:, :, 2]  # (B, n, E) hidden states of the s_t tokens
         mean, raw_log_std = self.head(h).split(self.A, dim=-1)
@@ -639,7 +654,7 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
                 a = dist.mode
             if snapshots is not None:
                 snapshots.append(get_snapshot(envs[0]))
-            steps = [envs[b].unwrapped.step(a_b) for b, a_b in zip(rows.tolist(), a.numpy())]
+            steps = [envs[b].unwrapped.step(a_b) for b, a_b in zip(rows.tolist(), ep.data.env_action(a))]
             ep.record(rows, a, np.stack([s[0] for s in steps]), torch.tensor([s[1] for s in steps], dtype=torch.float32),
                       torch.tensor([s[2] for s in steps]))
             env_steps += len(rows)
@@ -1180,7 +1195,7 @@ def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
     recorded_on = ds.spec.env_spec.id if ds.spec.env_spec is not None else "unknown"
     if recorded_on != args.env:
         log(f"dataset {dataset_id} was recorded on {recorded_on} and we finetune on {args.env}; their spaces match")
-    data = Dataset.from_episodes(episodes, args.reward_scale)
+    data = Dataset.from_episodes(episodes, args.reward_scale, env.action_space)
     log(f"dataset {dataset_id}: {len(data.episode_returns)} episodes, {len(data.rtg)} steps, "
         f"return mean {data.episode_returns.mean():.1f} max {data.episode_returns.max():.1f}")
     return data, dataset_id
