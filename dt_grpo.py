@@ -123,23 +123,22 @@ class Args:
     group_size: int = 16
     """G: rollouts from each reset point; their mean score is the baseline [paper]. 16 [ours]:
     docs/study.md#group-size"""
-    reset_points: int = 4
-    """N: reset points (groups) per iteration [ours: N*G = 64 rollouts]."""
-    traj_len: int = 100
-    """L: sampled actions per rollout, the ones optimised [paper]. 100 [ours]: docs/study.md#traj-len"""
-    eval_len: int = 200
-    """L_eval: mean-action steps after the L sampled ones, that score them [paper: ~400]. 200 [ours]:
-    docs/study.md#eval-len"""
+    reset_points: Optional[int] = None
+    """N: reset points (groups) per iteration (default: the env's `grpo` in ENV_TABLE) [ours]."""
+    traj_len: Optional[int] = None
+    """L: sampled actions per rollout, the ones optimised [paper] (default: the env's `grpo`) [ours]."""
+    eval_len: Optional[int] = None
+    """L_eval: mean-action steps after the L that score them [paper: ~400] (default: the env's `grpo`) [ours]."""
     clip_eps: float = 0.2
     """Clip range of the importance ratio [ours, PPO's value]."""
     ent_coef: float = 1e-3
     """Entropy bonus coefficient [paper: a bonus; ours: the value]."""
-    epochs: int = 2
-    """Passes over each iteration's rollouts [ours]."""
+    epochs: int = 8
+    """Passes over each iteration's rollouts [ours]: docs/study.md#epochs"""
     minibatch_size: int = 16
     """Rollouts per GRPO minibatch [ours]."""
-    online_lr: float = 1e-4
-    """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]."""
+    online_lr: float = 3e-4
+    """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]: docs/study.md#epochs"""
     ratio: Literal["joint", "mean", "token"] = "mean"
     """`joint`: a sub-trajectory's summed log-ratios [paper]; `mean`: that sum / L [GSPO]; `token`: per
     action. `mean` [ours]: docs/study.md#ratio-mean"""
@@ -176,14 +175,20 @@ class Args:
     """Return-to-go that conditions evaluation (default: the env's `target` in ENV_TABLE)."""
 
 # Per-environment constants. `dataset`: the default Minari id (recorded on the v5 envs); `target`:
-# evaluation return-to-go [ours, ODT-like]; `ref_min`/`ref_max`: D4RL's random/expert returns.
+# evaluation return-to-go [ours, ODT-like]; `ref_min`/`ref_max`: D4RL's random/expert returns;
+# `grpo`: the sub-trajectories [ours: docs/study.md#per-env]. Where a fall ends the episode, the
+# score must look far enough ahead to see it; HalfCheetah cannot fall, and its credit assignment
+# wants short sub-trajectories, many of them.
+FALLS, RUNS = dict(reset_points=4, traj_len=100, eval_len=200), dict(reset_points=32, traj_len=5, eval_len=50)
 ENV_TABLE = {
-    "Hopper": dict(dataset="mujoco/hopper/medium-v0", target=3600.0, ref_min=-20.272305, ref_max=3234.3),
-    "Walker2d": dict(dataset="mujoco/walker2d/medium-v0", target=5000.0, ref_min=1.629008, ref_max=4592.3),
-    "HalfCheetah": dict(dataset="mujoco/halfcheetah/medium-v0", target=6000.0, ref_min=-280.178953, ref_max=12135.0),
-    "Ant": dict(dataset="mujoco/ant/medium-v0", target=5000.0, ref_min=-325.6, ref_max=3879.7),
+    "Hopper": dict(dataset="mujoco/hopper/medium-v0", target=3600.0, ref_min=-20.272305, ref_max=3234.3, grpo=FALLS),
+    "Walker2d": dict(dataset="mujoco/walker2d/medium-v0", target=5000.0, ref_min=1.629008, ref_max=4592.3, grpo=FALLS),
+    "HalfCheetah": dict(dataset="mujoco/halfcheetah/medium-v0", target=6000.0, ref_min=-280.178953, ref_max=12135.0,
+                        grpo=RUNS),
+    "Ant": dict(dataset="mujoco/ant/medium-v0", target=5000.0, ref_min=-325.6, ref_max=3879.7, grpo=FALLS),
     # the learning ladder's small task (docs/study.md): [ours] random = 50 uniform-random episodes here, max = 1000
-    "InvertedPendulum": dict(dataset="mujoco/invertedpendulum/medium-v0", target=1000.0, ref_min=6.8, ref_max=1000.0),
+    "InvertedPendulum": dict(dataset="mujoco/invertedpendulum/medium-v0", target=1000.0, ref_min=6.8, ref_max=1000.0,
+                             grpo=dict(reset_points=8, traj_len=10, eval_len=40)),
 }
 
 
@@ -198,9 +203,8 @@ def returns_to_go(rewards: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Segment:
     """B runs of n consecutive episode steps: the inputs of one forward pass of the DT, and the
-    action taken at each step (the targets; zero where not taken yet). A segment may start
-    before step 0 or run past the last known step: those steps are padding (`valid` False),
-    which the model never attends to."""
+    actions taken (the targets). Steps before step 0 or past the last known one are padding
+    (`valid` False), which the model never attends to."""
 
     rtg: torch.Tensor  # (B, n) scaled return-to-go R̂_t
     states: torch.Tensor  # (B, n, S) normalised s_t
@@ -217,10 +221,9 @@ class Segment:
 
 def gather_segment(rtg: torch.Tensor, states: torch.Tensor, actions: torch.Tensor, start: torch.Tensor,
                    last: torch.Tensor, first: torch.Tensor, n: int) -> Segment:
-    """Segments of n steps from sequences stored flat: step t of sequence b is row start[b] + t,
-    steps 0..last[b] are known, and its segment begins at step first[b]. The same function cuts
-    training segments from the dataset and the policy's inputs during rollouts, so the two are
-    built identically. rtg (D,), states (D, S), actions (D, A); start, last, first (B,) long."""
+    """Segments of n steps from sequences stored flat (step t of sequence b at row start[b] + t,
+    steps 0..last[b] known), from steps first[b]. It cuts both training segments from the data
+    and the policy's inputs in rollouts, so the two are built alike. start, last, first (B,)."""
     t = first[:, None] + torch.arange(n)  # (B, n)
     known = t.clamp(min=0).minimum(last[:, None])  # padding points at a real step
     row, prev = start[:, None] + known, start[:, None] + (known - 1).clamp(min=0)
@@ -297,10 +300,9 @@ class Dataset:
 #     as the cached rollout did: GRPO's update scores a whole sub-trajectory in one pass, and a
 #     group's cache at its reset step is rebuilt from the stored tokens of the steps before it.
 def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, W: int) -> torch.Tensor:
-    """Which keys each query attends to: the real ones among the W tokens that end at the query.
-    Each token may always see itself, so a padding query gets a finite (unused) output instead
-    of NaN from an all-masked softmax row. Stream positions q_pos (..., Nq), k_pos (..., Nk);
-    k_valid (B, ..., Nk) bool -> (B, ..., Nq, Nk)."""
+    """The real keys among the W tokens that end at each query, and the query itself (a padding
+    query then gets a finite, unused output, not NaN). q_pos (..., Nq), k_pos (..., Nk) stream
+    positions; k_valid (B, ..., Nk) bool -> (B, ..., Nq, Nk)."""
     d = q_pos[..., :, None] - k_pos[..., None, :]
     return (d >= 0) & (d < W) & k_valid[..., None, :] | (d == 0)
 
@@ -479,8 +481,7 @@ def odt_loss(model: DecisionTransformer, seg: Segment, log_temp: torch.Tensor) -
 
 
 def temperature_optimiser(log_temp: torch.Tensor) -> torch.optim.Optimizer:
-    """Adam on the log-temperature (a scalar leaf tensor), ODT's settings."""
-    return torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))
+    return torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))  # ODT's settings
 
 
 def odt_update(model: DecisionTransformer, opt: torch.optim.Optimizer, log_temp: torch.Tensor,
@@ -537,14 +538,9 @@ STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: qp
 
 
 def get_snapshot(env: gym.Env) -> np.ndarray:
-    """The full integration state of the simulator, plus the body positions.
-
-    set_state(qpos, qvel) is not enough: it skips qacc_warmstart, and the ~1e-15 differences
-    grow until the same actions give other observations. The body positions `xpos` are not
-    state but the env's reward reads them *before* stepping (Ant's forward reward:
-    get_body_com), when they are still those that the previous mj_step computed; mj_forward on
-    restore would refresh them, so we carry them along. [ours]
-    """
+    """The full integration state of the simulator, plus the body positions [ours]. set_state(qpos,
+    qvel) is not enough: it skips qacc_warmstart, whose ~1e-15 differences grow. `xpos` is not
+    state, but Ant's reward reads it before stepping, as the previous mj_step left it."""
     m, d = env.unwrapped.model, env.unwrapped.data
     buf = np.empty(mujoco.mj_stateSize(m, STATE_SPEC))
     mujoco.mj_getState(m, d, buf, STATE_SPEC)
@@ -617,18 +613,13 @@ class Episodes:
 
 def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, n_sampled: int,
             gen: torch.Generator, snapshots: Optional[list] = None, std_scale: float = 1.0) -> dict:
-    """Advance B episodes together, one batched cached step of the DT per env step, for at most n_steps.
-
-    envs[b] plays episode b. The first n_sampled actions are sampled from the policy (with its
-    std scaled by std_scale; their log-probs are recorded: log π_old), the rest are mean
-    actions. The episode step counter is ours, not the TimeLimit wrapper's (which a snapshot
-    restore cannot rewind), and episodes are truncated at T = max_episode_steps. If
-    `snapshots` is a list (for a single episode, B = 1), the simulator state before each step
-    is appended to it.
-
-    Returns logp (B, n_sampled), valid (B, n_sampled) bool, uncertainty (B, n_steps) = mean
-    predicted log-std (nan where no step), env_steps (int).
-    """
+    """Advance B episodes together (envs[b] plays episode b) for at most n_steps, one batched
+    cached DT step per env step. The first n_sampled actions are sampled (std scaled by
+    std_scale) and their log π_old recorded, the rest are mean actions. The step counter is
+    ours, not the TimeLimit wrapper's, which a restore cannot rewind: episodes end at T =
+    max_episode_steps. With `snapshots` (B = 1), the simulator state before each step is kept.
+    Returns logp (B, n_sampled), valid (B, n_sampled), uncertainty (B, n_steps) = mean predicted
+    log-std (nan where no step), env_steps."""
     model.eval()  # dropout off: log π_old must be the exact function that is later differentiated
     B = len(envs)
     logp, valid = torch.zeros(B, n_sampled), torch.zeros(B, n_sampled, dtype=torch.bool)
@@ -1040,14 +1031,22 @@ def env_family(env_id: str) -> str:
     return env_id.split("-v")[0]
 
 
+def env_defaults(args: Args) -> Args:
+    """Args with the env's GRPO sub-trajectory settings (ENV_TABLE) where no flag set them."""
+    grpo = ENV_TABLE[env_family(args.env)]["grpo"]
+    return dataclasses.replace(args, **{k: v for k, v in grpo.items() if getattr(args, k) is None})
+
+
 def check_args(args: Args) -> None:
     """Reject nonsense before any work is done."""
     rules = [  # (fields, test, what the value must be)
-        (("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "eval_len", "traj_std_scale",
+        (("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "traj_std_scale",
           "checkpoint_interval"), lambda v: v >= 0, ">= 0"),
-        (("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "reset_points", "traj_len", "epochs",
+        (("eval_len",), lambda v: v is None or v >= 0, ">= 0"),
+        (("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "epochs",
           "minibatch_size", "eval_episodes", "eval_every", "odt_episodes", "odt_updates", "odt_buffer", "lr",
           "online_lr", "reward_scale", "init_temperature", "reset_temperature", "grad_clip"), lambda v: v > 0, "> 0"),
+        (("reset_points", "traj_len"), lambda v: v is None or v > 0, "> 0"),
         (("group_size",), lambda v: v >= 2, ">= 2 (a group of one is its own baseline: every advantage would be 0)"),
         (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),
         (("clip_eps",), lambda v: 0 < v < 1, "in (0, 1)"),
@@ -1232,28 +1231,20 @@ class Metrics:
 
 
 def plot_curves(metrics: Metrics, env_id: str) -> None:
-    """curves.png beside metrics.csv: the score against env steps, and below it the ratio's clip
-    fraction and |log ρ| and the entropy estimate of the online updates."""
+    """curves.png beside metrics.csv: the score against env steps, and below it the diagnostics of
+    the online updates (clip fraction, |log ρ|, entropy estimate)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe inside a notebook
 
     online = next((r["phase"] for r in metrics.rows if r["phase"] in ("grpo", "odt")), "grpo")
-    fig = Figure(figsize=(8, 7), layout="constrained")
-    axes = fig.subplots(3, 1, sharex=True)
-    panels = [("normalised score", [("eval", "norm_score")]), ("importance ratio", [(online, "clip_frac"), (online, "abs_log_ratio")]),
-              ("entropy estimate (nats)", [(online, "entropy")])]
-    for ax, (ylabel, curves) in zip(axes, panels):
-        for phase, key in curves:
-            ax.plot(*metrics.column(phase, key), "o-" if phase == "eval" else "-", label=key)
-        ax.set(ylabel=ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].set(title=f"{env_id}: {metrics.path.parent.name}")
-    axes[1].legend(loc="upper right")
-    axes[2].set(xlabel="online env steps")
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    score, diagnostics = fig.subplots(2, 1, sharex=True)
+    score.plot(*metrics.column("eval", "norm_score"), "o-")
+    for key in ("clip_frac", "abs_log_ratio", "entropy"):
+        diagnostics.plot(*metrics.column(online, key), label=key)
+    score.set(ylabel="normalised score", title=f"{env_id}: {metrics.path.parent.name}")
+    diagnostics.set(xlabel="online env steps", yscale="symlog")
+    diagnostics.legend(loc="upper right")
     fig.savefig(metrics.path.with_name("curves.png"), dpi=80)
-
-
-class Interrupted(Exception):
-    """Ctrl-C, raised at an update boundary after the checkpoint was written."""
 
 
 class Checkpointer:
@@ -1290,11 +1281,13 @@ class Checkpointer:
         self.last, self.last_time = f"{self.path} ({phase} step {progress['step']})", time.time()
 
     def maybe_save(self, phase: str, force: bool = False, **progress) -> None:
-        """Save if forced, due, or asked by Ctrl-C; after a Ctrl-C, stop the run."""
+        """Save if forced, due, or asked by Ctrl-C; after a Ctrl-C, stop the run (exit code 130)."""
         if force or self.stop or time.time() - self.last_time >= self.args.checkpoint_interval:
             self.save(phase, **progress)
         if self.stop:
-            raise Interrupted
+            log(f"interrupted: checkpoint saved to {self.path}; continue with "
+                f"`python dt_grpo.py --resume {self.path.parent}`")
+            sys.exit(130)
 
 
 def load_checkpoint(path: Path, args: Args) -> tuple[dict, Args]:
@@ -1331,6 +1324,7 @@ def run(args: Args) -> dict:
     torch.manual_seed(args.seed)
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     env = make_env(args.env)
+    args = env_defaults(args)
     target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
     data, dataset_id = load_data(args, env)
     data_time_s = time.time() - t_start
@@ -1377,9 +1371,6 @@ def run(args: Args) -> dict:
         if args.online_steps > 0:
             final_score, env_steps = finetune(args, model, log_temp, envs, data, metrics, saver, target, gen, rng,
                                               resume if phase == "online" else None)
-    except Interrupted:
-        log(f"interrupted: checkpoint saved to {saver.path}; continue with `python dt_grpo.py --resume {run_dir}`")
-        sys.exit(130)
     except NonFiniteError as e:
         raise NonFiniteError(f"{e}. Last good checkpoint: {saver.last}") from None
     finally:
@@ -1403,12 +1394,9 @@ def run(args: Args) -> dict:
 if __name__ == "__main__":
     try:
         run(tyro.cli(Args))
-    except UserError as e:
+    except (UserError, NonFiniteError) as e:  # bad input: exit code 2; a non-finite update: 1
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UserError) else 1)
     except KeyboardInterrupt:  # outside training, or a second Ctrl-C
         print("interrupted", file=sys.stderr)
         sys.exit(130)

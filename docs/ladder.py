@@ -72,4 +72,4 @@ def main(checkpoint: str, args: D.Args) -> None:
 
 if __name__ == "__main__":
     checkpoint, rest = sys.argv[1], sys.argv[2:]
-    main(checkpoint, tyro.cli(D.Args, args=rest))
+    main(checkpoint, D.env_defaults(tyro.cli(D.Args, args=rest)))
