@@ -118,11 +118,9 @@ class Args:
     algo: Literal["grpo", "odt"] = "grpo"
     """`grpo`: pure RL gradients [paper]; `odt`: the Online Decision Transformer baseline."""
     online_steps: int = 1_000_000
-    """Finetuning budget in env steps, every one counted; the last iteration is finished (0 = none).
-    1M [ours]: docs/study.md#budget"""
+    """Finetuning budget in env steps, all counted; the last iteration is finished [ours]: docs/study.md#budget"""
     group_size: int = 16
-    """G: rollouts from each reset point; their mean score is the baseline [paper]. 16 [ours]:
-    docs/study.md#group-size"""
+    """G: rollouts per reset point, whose mean score is the baseline [paper; 16 ours]: docs/study.md#group-size"""
     reset_points: Optional[int] = None
     """N: reset points (groups) per iteration (default: the env's `grpo` in ENV_TABLE) [ours]."""
     traj_len: Optional[int] = None
@@ -140,15 +138,11 @@ class Args:
     online_lr: float = 3e-4
     """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]: docs/study.md#epochs"""
     ratio: Literal["joint", "mean", "token"] = "mean"
-    """`joint`: a sub-trajectory's summed log-ratios [paper]; `mean`: that sum / L [GSPO]; `token`: per
-    action. `mean` [ours]: docs/study.md#ratio-mean"""
+    """`joint`: summed log-ratios [paper]; `mean`: that / L [GSPO; ours]; `token`: per action. docs/study.md#ratio-mean"""
     reset_rule: Literal["uncertainty", "uniform"] = "uncertainty"
     """Reset points favour steps where the policy's std is high [paper: active sampling]; `uniform`: ablation."""
     reset_temperature: float = 1.0
     """Softmax temperature over the standardised uncertainty profile, lower = greedier [ours]."""
-    traj_std_scale: float = 0.0
-    """Std scale of the trajectory reset points come from: 0 = mean actions, the states evaluation
-    visits; 1 = the policy's samples [ours]: docs/study.md#traj-std-scale"""
     online_target_return: Optional[float] = None
     """Return-to-go that conditions online rollouts, GRPO and ODT (default: --target-return)."""
 
@@ -403,10 +397,6 @@ class TanhNormal:
         a = torch.tanh(self.mean + self.log_std.exp() * torch.randn_like(self.mean))
         return -self.log_prob(a)
 
-    def scaled(self, std_scale: float) -> "TanhNormal":
-        """The same policy with its std multiplied by std_scale (> 0): --traj-std-scale."""
-        return self if std_scale == 1 else TanhNormal(self.mean, self.log_std + math.log(std_scale))
-
     @property
     def mode(self) -> torch.Tensor:
         """The deterministic action used in evaluation and in the L_eval scoring steps."""
@@ -612,10 +602,10 @@ class Episodes:
 
 
 def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, n_sampled: int,
-            gen: torch.Generator, snapshots: Optional[list] = None, std_scale: float = 1.0) -> dict:
+            gen: torch.Generator, snapshots: Optional[list] = None) -> dict:
     """Advance B episodes together (envs[b] plays episode b) for at most n_steps, one batched
     cached DT step per env step. The first n_sampled actions are sampled (std scaled by
-    std_scale) and their log π_old recorded, the rest are mean actions. The step counter is
+    and their log π_old recorded, the rest are mean actions. The step counter is
     ours, not the TimeLimit wrapper's, which a restore cannot rewind: episodes end at T =
     max_episode_steps. With `snapshots` (B = 1), the simulator state before each step is kept.
     Returns logp (B, n_sampled), valid (B, n_sampled), uncertainty (B, n_steps) = mean predicted
@@ -637,7 +627,6 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
             dist = TanhNormal(dist.mean[:, 0].float().cpu(), dist.log_std[:, 0].float().cpu())  # (B', A), float32 beside the simulator
             uncertainty[rows, j] = dist.log_std.mean(-1)
             if j < n_sampled:
-                dist = dist.scaled(std_scale)
                 a = dist.sample(gen)
                 logp[rows, j] = dist.log_prob(a)
                 valid[rows, j] = True
@@ -658,14 +647,13 @@ def root_x(envs: list) -> np.ndarray:
 
 
 def play_episodes(model: DecisionTransformer, envs: list, seeds: list[int], target: float, data: Dataset,
-                  gen: torch.Generator, std_scale: float = 1.0, snapshots: Optional[list] = None) -> tuple[Episodes, dict]:
-    """Reset envs[b] with seeds[b] and play whole episodes conditioned on `target`: sampled
-    actions (std scaled by std_scale), or mean actions if std_scale = 0. Used by GRPO's
-    trajectory, its full-episode ablation, the ODT baseline and evaluation."""
+                  gen: torch.Generator, sampled: bool = True, snapshots: Optional[list] = None) -> tuple[Episodes, dict]:
+    """Reset envs[b] with seeds[b] and play whole episodes conditioned on `target`, with sampled or
+    mean actions. Used by GRPO's trajectory, its full-episode ablation, ODT and evaluation."""
     envs = envs[: len(seeds)]
     T = envs[0].spec.max_episode_steps
     ep = Episodes.start(np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]), target, T, data)
-    played = rollout(model, envs, ep, T, T if std_scale > 0 else 0, gen, snapshots, std_scale)
+    played = rollout(model, envs, ep, T, T if sampled else 0, gen, snapshots)
     return ep, played
 
 
@@ -736,10 +724,11 @@ def collect_groups(args: Args, model: DecisionTransformer, envs: list, data: Dat
     if args.full_episodes:
         return collect_full_episodes(args, model, envs, data, target, gen, rng)
     N, G, L, eval_len = args.reset_points, args.group_size, args.traj_len, args.eval_len
-    # (a) one trajectory of the current policy, with a snapshot at every step.
+    # (a) one trajectory of the current policy, with a snapshot at every step. Mean actions [ours]: a
+    # sampled trajectory falls early, and its reset points never reach the states a standing
+    # policy visits (docs/study.md#traj-std-scale).
     snapshots: list = []
-    traj, traj_out = play_episodes(model, envs, [int(rng.integers(2**31))], target, data, gen, args.traj_std_scale,
-                                   snapshots)
+    traj, traj_out = play_episodes(model, envs, [int(rng.integers(2**31))], target, data, gen, False, snapshots)
     n = int(traj.t[0])
     # (b) reset points: active sampling by the policy's uncertainty along the trajectory.
     t0, _ = choose_reset_points(traj_out["uncertainty"][0, :n], N, args.reset_rule, args.reset_temperature, gen)
@@ -949,7 +938,7 @@ def evaluate(args: Args, model: DecisionTransformer, envs: list, data: Dataset,
     fixed so that every evaluation of a run sees the same start states. (E,), (E,)"""
     seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]
     envs = envs[: len(seeds)]
-    ep, _ = play_episodes(model, envs, seeds, target, data, torch.Generator(), std_scale=0)
+    ep, _ = play_episodes(model, envs, seeds, target, data, torch.Generator(), sampled=False)
     return ep.rewards.sum(1).numpy(), root_x(envs) - np.array([env.unwrapped.init_qpos[0] for env in envs])
 
 
@@ -1040,8 +1029,8 @@ def env_defaults(args: Args) -> Args:
 def check_args(args: Args) -> None:
     """Reject nonsense before any work is done."""
     rules = [  # (fields, test, what the value must be)
-        (("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "traj_std_scale",
-          "checkpoint_interval"), lambda v: v >= 0, ">= 0"),
+        (("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "checkpoint_interval"),
+         lambda v: v >= 0, ">= 0"),
         (("eval_len",), lambda v: v is None or v >= 0, ">= 0"),
         (("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "epochs",
           "minibatch_size", "eval_episodes", "eval_every", "odt_episodes", "odt_updates", "odt_buffer", "lr",

@@ -396,7 +396,7 @@ def cheetah(minari_dir):
     model = D.make_model(args, 17, 6, 1000).double().eval()  # float64: only the inputs matter (above)
     envs = [D.make_env(args.env) for _ in range(4)]
     snapshots = []
-    traj, _ = D.play_episodes(model, envs, [0], 6000.0, data, torch.Generator(), std_scale=0, snapshots=snapshots)
+    traj, _ = D.play_episodes(model, envs, [0], 6000.0, data, torch.Generator(), sampled=False, snapshots=snapshots)
     return args, model, envs, traj, snapshots
 
 
