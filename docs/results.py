@@ -58,7 +58,7 @@ def main(root: Path) -> None:
             ok = ~np.isnan(S).any(0)
             for ev in runs:
                 ax.plot(*zip(*ev), lw=0.6, alpha=0.35, color=f"C{i}")
-            ax.plot(xs[ok], S[:, ok].mean(0), "-", lw=2, color=f"C{i}", label=f"{name.split('_', 1)[1]} ({len(runs)} seeds)")
+            ax.plot(xs[ok], S[:, ok].mean(0), "-", lw=2, color=f"C{i}", label=f"{name.split('_', 1)[1]} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         odt, td3 = PUBLISHED.get(env.lower(), (None, None))
         if odt is not None:
             ax.axhline(odt, color="k", ls=":", label=f"ODT, published ({odt})")
