@@ -606,9 +606,9 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
     """Advance B episodes together (envs[b] plays episode b) for at most n_steps, one batched
     cached DT step per env step. The first n_sampled actions are sampled and their log π_old
     recorded, the rest are mean actions. The step counter is ours, not the TimeLimit wrapper's,
-    which a restore cannot rewind: episodes end at T = max_episode_steps. With `snapshots` (B = 1), the simulator state before each step is kept.
-    Returns logp (B, n_sampled), valid (B, n_sampled), uncertainty (B, n_steps) = mean predicted
-    log-std (nan where no step), env_steps."""
+    which a restore cannot rewind: episodes end at T = max_episode_steps. With `snapshots`
+    (B = 1), the simulator state before each step is kept. Returns logp (B, n_sampled), valid
+    (B, n_sampled), uncertainty (B, n_steps) = mean predicted log-std (nan where no step), env_steps."""
     model.eval()  # dropout off: log π_old must be the exact function that is later differentiated
     B = len(envs)
     logp, valid = torch.zeros(B, n_sampled), torch.zeros(B, n_sampled, dtype=torch.bool)
