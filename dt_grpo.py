@@ -207,6 +207,9 @@ class Segment:
     timesteps: torch.Tensor  # (B, n) episode step t (long)
     valid: torch.Tensor  # (B, n) bool
 
+    def __getitem__(self, rows: torch.Tensor) -> "Segment":
+        return Segment(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
     def to(self, like: torch.Tensor) -> "Segment":
         """On the device of `like`, and its float fields in its dtype (the model's weights)."""
         fields = (getattr(self, f.name) for f in dataclasses.fields(self))
@@ -317,14 +320,15 @@ class CausalSelfAttention(nn.Module):
         B, N, E = x.shape
         q, k, v = (z.view(B, N, self.n_head, E // self.n_head).transpose(1, 2) for z in self.qkv(x).split(E, dim=2))
         W, p = self.W, self.dropout if self.training else 0.0
-        if past is not None:  # a rollout step: the new tokens attend to the cache and to each other
+        if past is not None:  # the new tokens attend to the cache (C <= W - 1 tokens) and to each other
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        C = k.shape[2] - N
         if k.shape[2] <= 2 * W:  # a rollout step or a short segment: one mask over all keys
             pos = torch.arange(k.shape[2], device=x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(pos[-N:], pos, valid, W)[:, None], dropout_p=p)
         else:  # a long segment: query block b (W tokens) attends to the keys of blocks b - 1 and b only
-            pad = -N % W  # padding at the end: nothing before it looks at it
-            windows = lambda z, dim: F.pad(z, (0, 0) * (z.dim() - dim - 1) + (W, pad)).unfold(dim, 2 * W, W)  # views
+            pad = -N % W  # padding at the end: nothing before it looks at it; in front, W keys in all
+            windows = lambda z, dim: F.pad(z, (0, 0) * (z.dim() - dim - 1) + (W - C, pad)).unfold(dim, 2 * W, W)  # views
             kb, vb = (windows(z, 2).transpose(-1, -2) for z in (k, v))  # (B, H, nb, 2W, E/H)
             mask = band_mask(torch.arange(N + pad, device=x.device).unflatten(0, (-1, W)),  # (nb, W) query positions
                              torch.arange(-W, N + pad, device=x.device).unfold(0, 2 * W, W), windows(valid, 1), W)
@@ -355,17 +359,7 @@ class Cache:
     valid: torch.Tensor  # (B, 3K-1) bool
 
     def __getitem__(self, rows: torch.Tensor) -> "Cache":
-        if len(rows) == len(self.valid):  # every episode is still running: no copy
-            return self
         return Cache([(k[rows], v[rows]) for k, v in self.kv], self.valid[rows])
-
-    def __setitem__(self, rows: torch.Tensor, new: "Cache") -> None:
-        if len(rows) == len(self.valid):
-            self.kv, self.valid = new.kv, new.valid
-            return
-        for (k, v), (k_new, v_new) in zip(self.kv, new.kv):
-            k[rows], v[rows] = k_new, v_new
-        self.valid[rows] = new.valid
 
 
 LONG_SEGMENT = 500  # steps; only --full-episodes' whole episodes are longer, their blocks are checkpointed [ours]
@@ -447,6 +441,15 @@ class DecisionTransformer(nn.Module):
         last = lambda z: (F.pad(z, (0, 0, pad, 0)) if pad else z)[:, :, -keep:]  # (B, H, C + 3n, d) -> (B, H, keep, d)
         cache = Cache([(last(k), last(v)) for k, v in kv], F.pad(valid, (pad, 0), value=False)[:, -keep:])
         return TanhNormal(mean, log_std), cache
+
+
+    def context(self, seg: Segment) -> Cache:
+        """The cache after B burn-in segments (see above), each distinct one computed once: the G
+        rollouts of a group share their history before the reset step [ours]. Differentiable."""
+        key = torch.cat([z.flatten(1).double() for z in (seg.rtg, seg.states, seg.prev_actions, seg.timesteps, seg.valid)], 1)
+        _, inverse = torch.unique(key, dim=0, return_inverse=True)  # (B,) which distinct segment
+        first = torch.zeros(int(inverse.max()) + 1, dtype=torch.long).scatter_(0, inverse, torch.arange(len(inverse)))
+        return self(seg[first])[1][inverse]
 
 
 def make_model(args: Args, S: int, A: int, max_ep_len: int) -> DecisionTransformer:
@@ -616,13 +619,14 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
     env_steps = 0
     with torch.inference_mode():  # no autograd bookkeeping: faster than no_grad for these small steps
         # The cache at each episode's current step, from the stored tokens of the burn-in steps before
-        # it: exact, since nothing further back reaches the cache (see the model).
-        _, cache = model(ep.segment(torch.arange(B), ep.t - model.burn_in, model.burn_in))
+        # it: exact, since nothing further back reaches the cache (see the model). It keeps the rows
+        # of the episodes still running, `rows`, and drops those that end.
+        rows = (~ep.done).nonzero().squeeze(1)  # (B',)
+        cache = model.context(ep.segment(rows, ep.t[rows] - model.burn_in, model.burn_in))
         for j in range(n_steps):
-            rows = (~ep.done).nonzero().squeeze(1)  # (B',) episodes still running
             if len(rows) == 0:
                 break
-            dist, cache[rows] = model(ep.segment(rows, ep.t[rows], 1), cache[rows])  # one step: 3 new tokens
+            dist, cache = model(ep.segment(rows, ep.t[rows], 1), cache)  # one step: 3 new tokens
             dist = TanhNormal(dist.mean[:, 0].float().cpu(), dist.log_std[:, 0].float().cpu())  # (B', A), float32 beside the simulator
             uncertainty[rows, j] = dist.log_std.mean(-1)
             if j < n_sampled:
@@ -637,6 +641,9 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
             ep.record(rows, a, np.stack([s[0] for s in steps]), torch.tensor([s[1] for s in steps], dtype=torch.float32),
                       torch.tensor([s[2] for s in steps]))
             env_steps += len(rows)
+            running = ~ep.done[rows]
+            if not running.all():
+                rows, cache = rows[running], cache[running]
     return dict(logp=logp, valid=valid, uncertainty=uncertainty, env_steps=env_steps)
 
 
@@ -825,16 +832,14 @@ def grpo_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, valid: torc
 
 def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_θ of the sampled actions of rollouts `rows`, (len(rows), L) with zeros at invalid
-    steps, and the mean entropy estimate over the valid ones. One forward pass over a segment per
-    rollout: the burn-in steps before its reset step t0, whose tokens only rebuild the context,
-    then its L sampled steps, each scored under exactly the inputs it was sampled with (see the
-    model)."""
-    L, burn = batch.logp_old.shape[1], model.burn_in
-    seg = batch.ep.segment(rows, batch.t0[rows] - burn, burn + L)
-    dist, _ = model(seg)
-    dist = TanhNormal(dist.mean[:, burn:], dist.log_std[:, burn:])  # (B', L, A)
+    steps, and the mean entropy estimate over the valid ones. As in the rollout: the cache at the
+    reset step t0 from the burn-in steps before it, then one pass over the L sampled steps, each
+    scored under exactly the inputs it was sampled with (see the model)."""
+    t0 = batch.t0[rows]
+    seg = batch.ep.segment(rows, t0, batch.logp_old.shape[1])
+    dist, _ = model(seg, model.context(batch.ep.segment(rows, t0 - model.burn_in, model.burn_in)))  # (B', L, A)
     valid = batch.valid[rows]
-    logp = dist.log_prob(seg.actions[:, burn:].to(dist.mean.device)).cpu()
+    logp = dist.log_prob(seg.actions.to(dist.mean.device)).cpu()
     return logp * valid, dist.rsample_entropy().cpu()[valid].mean()
 
 

@@ -278,13 +278,16 @@ def test_padding_is_invisible():
 def test_cached_steps_equal_one_pass(first):
     """A rollout runs one step at a time from its cache (rebuilt from the burn-in steps before the
     first); a single pass over the whole segment gives the same policy, before and after the band
-    (3K tokens) has filled and deep into an episode."""
+    (3K tokens) has filled and deep into an episode; so does the update's pass over the n steps
+    after the cache (blocked attention behind a cache)."""
     model = tiny_model(K=4, n_layer=2)
     n = 20
     full = random_segment(n=model.burn_in + n, first=first - model.burn_in)
     with torch.no_grad():
         ref = model(full)[0]
         _, cache = model(random_segment(n=model.burn_in, first=first - model.burn_in))
+        after_cache = model(random_segment(n=n, first=first), cache)[0]
+        assert (after_cache.mean - ref.mean[:, model.burn_in:]).abs().max() < 1e-5
         means, log_stds = [], []
         for t in range(first, first + n):
             dist, cache = model(random_segment(n=1, first=t), cache)
