@@ -1,9 +1,7 @@
 """dt_grpo.py: online finetuning of a Decision Transformer with pure RL gradients (GRPO).
 
-One file, top to bottom in the order of the algorithm, the plumbing last:
-    Args -> data -> model -> pretraining -> rollouts and resets -> GRPO -> ODT baseline
-    -> evaluation -> the training loop -> plumbing (checks, datasets, checkpoints, main)
-
+One file in the order of the algorithm: Args -> data -> model -> pretraining -> rollouts and resets
+-> GRPO -> ODT baseline -> evaluation -> the training loop -> plumbing (checks, datasets, checkpoints).
 It follows
   * Luo & Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", arXiv 2601.00167
     (2026): the method. Its code was not released and its full text was not available to us:
@@ -21,26 +19,15 @@ Run:
     python dt_grpo.py --resume runs/<run>               # continue an interrupted run
     python dt_grpo.py --help                            # every flag
 
-Tensor shapes: B batch (of segments or rollouts), K context length, G group size, N reset points
-per iteration, L sampled actions per rollout, T max episode steps, S/A state/action dim, D steps
-in the offline dataset, V valid (sampled, not yet ended) rollout steps.
+Tensor shapes: B batch (of segments or rollouts), K context length, G group size, N reset points per
+iteration, L sampled actions per rollout, T max episode steps, S/A state/action dim, D dataset steps.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
-import math
-import os
-import resource
-import shutil
-import signal
-import socket
-import sys
-import time
-import warnings
+import csv, dataclasses, json, math, os, resource, shutil, signal, socket, sys, time, warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -52,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.checkpoint import checkpoint
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
@@ -63,7 +51,6 @@ from tqdm import tqdm
 class Args:
     """Pretrain a stochastic Decision Transformer on a Minari dataset, then finetune it online with
     GRPO (Luo & Zhu 2026). Sized for a 2-core CPU; evidence for our defaults: docs/study.md."""
-
     # --- run --------------------------------------------------------------------------------
     env: str = "Hopper-v4"
     """Gymnasium MuJoCo env: Hopper, Walker2d, HalfCheetah or Ant, v4 or v5."""
@@ -83,7 +70,6 @@ class Args:
     """Start from these weights instead of pretraining; with `--online-steps 0`, evaluate them only."""
     checkpoint_interval: float = 60.0
     """Seconds between periodic checkpoints: a kill loses at most this much work, Ctrl-C none."""
-
     # --- model (ODT's size: --embed-dim 512 --n-layer 4 --n-head 4 --context-len 20) -----------
     context_len: int = 10
     """K: timesteps of context [DT/ODT: 20; ours: 10, half the cost on a CPU]."""
@@ -95,7 +81,6 @@ class Args:
     """Attention heads, a divisor of --embed-dim [ours]."""
     dropout: float = 0.1
     """Dropout of supervised updates; always off in GRPO rollouts and updates [DT]."""
-
     # --- offline pretraining (the ODT objective) ---------------------------------------------
     pretrain_steps: int = 2000
     """Gradient updates of offline pretraining [ours; ODT: 5k-10k]."""
@@ -113,7 +98,6 @@ class Args:
     """Initial entropy temperature, learned toward entropy -|A| [ODT]."""
     reward_scale: float = 1e-3
     """Scale of the return-to-go tokens [ODT, MuJoCo]."""
-
     # --- GRPO --------------------------------------------------------------------------------
     algo: Literal["grpo", "odt"] = "grpo"
     """`grpo`: pure RL gradients [paper]; `odt`: the Online Decision Transformer baseline."""
@@ -145,13 +129,11 @@ class Args:
     """Softmax temperature over the standardised uncertainty profile, lower = greedier [ours]."""
     online_target_return: Optional[float] = None
     """Return-to-go that conditions online rollouts, GRPO and ODT (default: --target-return)."""
-
     # --- the paper's ablations ----------------------------------------------------------------
     hindsight_relabel: bool = False
     """Train on achieved returns-to-go instead of those fed, which breaks the ratios [paper]."""
     full_episodes: bool = False
     """Groups of G whole sampled episodes from one start state instead of sub-trajectories [paper, as we read it]."""
-
     # --- ODT baseline (--algo odt) --------------------------------------------------------------
     odt_episodes: int = 8
     """Exploration episodes per ODT iteration, run together [ours; ODT: 1]."""
@@ -159,7 +141,6 @@ class Args:
     """Supervised updates of --batch-size segments per ODT iteration [ours; ODT: 300 of 256]."""
     odt_buffer: int = 1000
     """Replay buffer of trajectories, first filled with the best offline ones [ODT]."""
-
     # --- evaluation ---------------------------------------------------------------------------
     eval_episodes: int = 10
     """Deterministic (mean-action) episodes per evaluation."""
@@ -170,15 +151,13 @@ class Args:
 
 # Per-environment constants. `dataset`: the default Minari id (recorded on the v5 envs); `target`:
 # evaluation return-to-go [ours, ODT-like]; `ref_min`/`ref_max`: D4RL's random/expert returns;
-# `grpo`: the sub-trajectories [ours: docs/study.md#per-env]. Where a fall ends the episode, the
-# score must look far enough ahead to see it; HalfCheetah cannot fall, and its credit assignment
-# wants short sub-trajectories, many of them.
+# `grpo`: the sub-trajectories [ours: docs/study.md#per-env]. Where a fall ends the episode, the score must
+# look far enough ahead to see it; HalfCheetah cannot fall, and its credit assignment wants many short ones.
 FALLS, RUNS = dict(reset_points=4, traj_len=100, eval_len=200), dict(reset_points=32, traj_len=5, eval_len=50)
 ENV_TABLE = {
     "Hopper": dict(dataset="mujoco/hopper/medium-v0", target=3600.0, ref_min=-20.272305, ref_max=3234.3, grpo=FALLS),
     "Walker2d": dict(dataset="mujoco/walker2d/medium-v0", target=5000.0, ref_min=1.629008, ref_max=4592.3, grpo=FALLS),
-    "HalfCheetah": dict(dataset="mujoco/halfcheetah/medium-v0", target=6000.0, ref_min=-280.178953, ref_max=12135.0,
-                        grpo=RUNS),
+    "HalfCheetah": dict(dataset="mujoco/halfcheetah/medium-v0", target=6000.0, ref_min=-280.178953, ref_max=12135.0, grpo=RUNS),
     "Ant": dict(dataset="mujoco/ant/medium-v0", target=5000.0, ref_min=-325.6, ref_max=3879.7, grpo=FALLS),
     # the learning ladder's small task (docs/study.md): [ours] random = 50 uniform-random episodes here, max = 1000
     "InvertedPendulum": dict(dataset="mujoco/invertedpendulum/medium-v0", target=1000.0, ref_min=6.8, ref_max=1000.0,
@@ -199,7 +178,6 @@ class Segment:
     """B runs of n consecutive episode steps: the inputs of one forward pass of the DT, and the
     actions taken (the targets). Steps before step 0 or past the last known one are padding
     (`valid` False), which the model never attends to."""
-
     rtg: torch.Tensor  # (B, n) scaled return-to-go R̂_t
     states: torch.Tensor  # (B, n, S) normalised s_t
     prev_actions: torch.Tensor  # (B, n, A) a_{t-1} (zero at t = 0)
@@ -208,12 +186,11 @@ class Segment:
     valid: torch.Tensor  # (B, n) bool
 
     def __getitem__(self, rows: torch.Tensor) -> "Segment":
-        return Segment(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+        return Segment(*(z[rows] for z in vars(self).values()))
 
     def to(self, like: torch.Tensor) -> "Segment":
         """On the device of `like`, and its float fields in its dtype (the model's weights)."""
-        fields = (getattr(self, f.name) for f in dataclasses.fields(self))
-        return Segment(*(z.to(like.device, like.dtype if z.is_floating_point() else z.dtype) for z in fields))
+        return Segment(*(z.to(like.device, like.dtype if z.is_floating_point() else z.dtype) for z in vars(self).values()))
 
 
 def gather_segment(rtg: torch.Tensor, states: torch.Tensor, actions: torch.Tensor, start: torch.Tensor,
@@ -233,7 +210,6 @@ class Dataset:
     """All dataset steps flat, with each step's episode start, ready for segment sampling. It also
     owns the token conventions that online episodes must share: state normalisation, actions
     scaled from the env's bounds to the policy's [-1, 1], and the reward scale of the RTG tokens."""
-
     states: torch.Tensor  # (D, S) normalised
     actions: torch.Tensor  # (D, A)
     rtg: torch.Tensor  # (D,) scaled returns-to-go
@@ -256,12 +232,9 @@ class Dataset:
         mid, half = (high + low) / 2, (high - low) / 2
         actions = torch.as_tensor(np.concatenate([ep.actions for ep in episodes]), dtype=torch.float32)
         rtg = torch.cat([returns_to_go(torch.as_tensor(ep.rewards, dtype=torch.float64)) for ep in episodes])
-        return Dataset(states=torch.as_tensor((states - mean) / std), actions=(actions - mid) / half,
-                       rtg=(rtg * reward_scale).float(),
-                       ep_start=torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths),
-                       state_mean=torch.as_tensor(mean), state_std=torch.as_tensor(std), action_mid=mid,
-                       action_half=half, episode_returns=np.array([ep.rewards.sum() for ep in episodes]),
-                       reward_scale=reward_scale)
+        return Dataset(torch.as_tensor((states - mean) / std), (actions - mid) / half, (rtg * reward_scale).float(),
+                       torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths), torch.as_tensor(mean),
+                       torch.as_tensor(std), mid, half, np.array([ep.rewards.sum() for ep in episodes]), reward_scale)
 
     def normalise(self, obs: np.ndarray) -> torch.Tensor:
         """Raw observations (B, S) -> the normalised state tokens the DT was trained on."""
@@ -282,20 +255,17 @@ class Dataset:
 # =============================================================================================
 # Model: GPT-style Decision Transformer with a tanh-Gaussian action head
 # =============================================================================================
-# The DT reads an episode as one stream of tokens, three per step: a_{t-1}, R̂_t, s_t (DT's
-# R̂_0 s_0 a_0 R̂_1 s_1 a_1 ..., grouped so that a step's tokens are known together; a_{-1} is
-# padding). Attention is causal and limited to a sliding window of the last W = 3K tokens, as
-# in long-context language models [ours; DT and the paper cut a separate window of K steps for
-# every action]. Two consequences make it fast and keep GRPO's ratios exact:
-#   * A token's hidden state never changes once computed, so a rollout runs only each step's
-#     three new tokens through the blocks, attending to a cache of the keys and values of the
-#     last W - 1 tokens at every layer (`Cache`): exactly what a pass over the whole stream
-#     would compute, up to float rounding.
-#   * Each layer looks at most W - 1 tokens back, so the action at step t depends on no step
-#     before t - n_layer * K (the receptive field, `burn_in`). A forward pass over a segment
-#     that starts `burn_in` steps before the first action it scores computes the same log-probs
-#     as the cached rollout did: GRPO's update scores a whole sub-trajectory in one pass, and a
-#     group's cache at its reset step is rebuilt from the stored tokens of the steps before it.
+# The DT reads an episode as one stream of tokens, three per step: a_{t-1}, R̂_t, s_t (DT's R̂_0 s_0 a_0
+# R̂_1 ..., grouped so that a step's tokens are known together; a_{-1} is padding). Attention is causal
+# and limited to a sliding window of the last W = 3K tokens, as in long-context language models [ours;
+# DT and the paper cut a separate window of K steps for every action]. It is fast and keeps ratios exact:
+#   * A token's hidden state never changes once computed, so a rollout step runs only its three new
+#     tokens through the blocks, attending to a cache of the keys and values of the last W - 1 tokens
+#     at every layer (`Cache`): what a pass over the whole stream computes, up to float rounding.
+#   * Each layer looks at most W - 1 tokens back, so nothing before step t - n_layer * K (the receptive
+#     field, `burn_in`) reaches step t. The cache rebuilt from the stored tokens of the `burn_in` steps
+#     before a reset step is the one the rollout had there: a group's rollouts start from it, and GRPO's
+#     update scores a sub-trajectory in one pass behind it, with the log-probs the rollout recorded.
 def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, W: int) -> torch.Tensor:
     """The real keys among the W tokens that end at each query, and the query itself (a padding
     query then gets a finite, unused output, not NaN). q_pos (..., Nq), k_pos (..., Nk) stream
@@ -311,8 +281,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, E: int, n_head: int, W: int, dropout: float):
         super().__init__()
         self.qkv, self.proj = nn.Linear(E, 3 * E), nn.Linear(E, E)
-        self.n_head, self.W, self.dropout = n_head, W, dropout
-        self.resid_drop = nn.Dropout(dropout)
+        self.n_head, self.W, self.dropout, self.resid_drop = n_head, W, dropout, nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, past: Optional[tuple] = None) -> tuple[torch.Tensor, tuple]:
         """x (B, N, E) new tokens; valid (B, C + N): which of the C cached and N new tokens are real;
@@ -354,7 +323,6 @@ class Block(nn.Module):
 class Cache:
     """What a rollout keeps of each episode's stream between steps: at every layer, the keys and
     values of its last 3K - 1 tokens, and which of them are real (not padding before step 0)."""
-
     kv: list  # per layer: keys, values (B, H, 3K-1, E/H)
     valid: torch.Tensor  # (B, 3K-1) bool
 
@@ -382,19 +350,13 @@ class TanhNormal:
         return (log_normal - log_det).sum(-1)
 
     def sample(self, gen: Optional[torch.Generator] = None) -> torch.Tensor:
-        eps = torch.randn(self.mean.shape, generator=gen, device=self.mean.device)
+        """a = tanh(mean + std * eps): reparameterised, differentiable in mean and std."""
+        eps = torch.randn(self.mean.shape, generator=gen, dtype=self.mean.dtype, device=self.mean.device)
         return torch.tanh(self.mean + self.log_std.exp() * eps)
 
-    def rsample_entropy(self) -> torch.Tensor:
-        """One-sample estimate of the entropy, -log π(a) with a reparameterised a, as ODT does
-        (the tanh-Gaussian has no closed form). (..., A) -> (...)"""
-        a = torch.tanh(self.mean + self.log_std.exp() * torch.randn_like(self.mean))
-        return -self.log_prob(a)
-
-    @property
-    def mode(self) -> torch.Tensor:
-        """The deterministic action used in evaluation and in the L_eval scoring steps."""
-        return torch.tanh(self.mean)
+    def entropy(self) -> torch.Tensor:
+        """One-sample estimate, -log π(a) of a sampled a, as ODT (no closed form). (..., A) -> (...)"""
+        return -self.log_prob(self.sample())
 
 
 class DecisionTransformer(nn.Module):
@@ -426,12 +388,9 @@ class DecisionTransformer(nn.Module):
         if past is not None:
             valid = torch.cat([past.valid, valid], 1)  # (B, C + 3n): the cached tokens come first
         kv = []
-        for i, block in enumerate(self.blocks):
-            inputs = (x, valid, None if past is None else past.kv[i])
-            if torch.is_grad_enabled() and n > LONG_SEGMENT:  # recompute in backward: a third of the memory
-                x, layer_kv = torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
-            else:
-                x, layer_kv = block(*inputs)
+        for i, block in enumerate(self.blocks):  # a long segment recomputes in backward: a third of the memory
+            run = partial(checkpoint, block, use_reentrant=False) if torch.is_grad_enabled() and n > LONG_SEGMENT else block
+            x, layer_kv = run(x, valid, None if past is None else past.kv[i])
             kv.append(layer_kv)
         h = self.ln_f(x).reshape(B, n, 3, -1)[:, :, 2]  # (B, n, E) hidden states of the s_t tokens
         mean, raw_log_std = self.head(h).split(self.A, dim=-1)
@@ -441,7 +400,6 @@ class DecisionTransformer(nn.Module):
         last = lambda z: (F.pad(z, (0, 0, pad, 0)) if pad else z)[:, :, -keep:]  # (B, H, C + 3n, d) -> (B, H, keep, d)
         cache = Cache([(last(k), last(v)) for k, v in kv], F.pad(valid, (pad, 0), value=False)[:, -keep:])
         return TanhNormal(mean, log_std), cache
-
 
     def context(self, seg: Segment) -> Cache:
         """The cache after B burn-in segments (see above), each distinct one computed once: the G
@@ -461,20 +419,25 @@ def make_model(args: Args, S: int, A: int, max_ep_len: int) -> DecisionTransform
 # Pretraining: ODT objective, -log-likelihood - temperature * entropy, temperature learned toward -|A|
 # =============================================================================================
 def odt_loss(model: DecisionTransformer, seg: Segment, log_temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (policy loss, temperature loss, entropy). Averages over the real (unpadded) steps."""
+    """Returns (policy loss, temperature loss, entropy), averaged over the real (unpadded) steps. The
+    temperature rises when the entropy is below the target -|A| and falls when above [ODT]."""
     dist, _ = model(seg)
     m = seg.valid.float().to(dist.mean.device)
     nll = -(dist.log_prob(seg.actions.to(m.device)) * m).sum() / m.sum()
-    entropy = (dist.rsample_entropy() * m).sum() / m.sum()
-    temperature = log_temp.exp()
-    loss = nll - temperature.detach() * entropy
-    # ODT: the temperature rises when the entropy is below target -|A| and falls when above.
-    temp_loss = temperature * (entropy - (-model.A)).detach()
-    return loss, temp_loss, entropy
+    entropy = (dist.entropy() * m).sum() / m.sum()
+    return nll - log_temp.exp().detach() * entropy, log_temp.exp() * (entropy - (-model.A)).detach(), entropy
 
 
-def temperature_optimiser(log_temp: torch.Tensor) -> torch.optim.Optimizer:
-    return torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))  # ODT's settings
+def optimisers(model: DecisionTransformer, log_temp: torch.Tensor, lr: float, weight_decay: float,
+               resume_from: Optional[dict] = None) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """AdamW for the policy; Adam for the log-temperature, with ODT's settings. Restored from a
+    checkpoint `resume_from` that has them."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    temp_opt = torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))
+    if resume_from is not None and "opt" in resume_from:
+        opt.load_state_dict(resume_from["opt"])
+        temp_opt.load_state_dict(resume_from["temp_opt"])
+    return opt, temp_opt
 
 
 def odt_update(model: DecisionTransformer, opt: torch.optim.Optimizer, log_temp: torch.Tensor,
@@ -498,13 +461,8 @@ def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Me
     """Offline pretraining as in ODT: AdamW with linear warm-up and gradient clipping for the
     policy, Adam for the log-temperature `log_temp` (updated in place). With `saver`,
     checkpoints as it goes; `resume_from` is a checkpoint to continue from."""
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    temp_opt = temperature_optimiser(log_temp)
-    start = 0
-    if resume_from is not None:
-        opt.load_state_dict(resume_from["opt"])
-        temp_opt.load_state_dict(resume_from["temp_opt"])
-        start = resume_from["step"]
+    opt, temp_opt = optimisers(model, log_temp, args.lr, args.weight_decay, resume_from)
+    start = resume_from["step"] if resume_from is not None else 0
     model.train()
     bar = tqdm(range(start, args.pretrain_steps), initial=start, total=args.pretrain_steps, desc="pretrain", unit="upd")
     for step in bar:
@@ -523,10 +481,9 @@ def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Me
 # =============================================================================================
 # Rollouts and resets: B episodes advanced together, exact MuJoCo snapshots
 # =============================================================================================
-# GRPO starts G rollouts from the same point of a trajectory, so two things must be restored
-# exactly: the simulator (snapshots) and the DT's stream (rows of `Episodes`, from which the
-# cache is rebuilt). All rollouts advance in lock-step: a step of B episodes is one batched
-# forward pass of their new tokens.
+# GRPO starts G rollouts from the same point of a trajectory, so two things must be restored exactly: the
+# simulator (snapshots) and the DT's stream (rows of `Episodes`, from which the cache is rebuilt). All
+# rollouts advance in lock-step: a step of B episodes is one batched forward pass of their new tokens.
 STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: qpos, qvel, act, warm-start, time...
 
 
@@ -550,12 +507,9 @@ def set_snapshot(env: gym.Env, snapshot: np.ndarray) -> None:
 
 @dataclass
 class Episodes:
-    """B episodes in flight: the tokens fed to the DT and the rewards, per episode step.
-
-    Row b holds episode b from step 0, so restoring "the same DT stream" after a simulator
-    reset is copying rows (`branch`); the rollout rebuilds its cache from them.
-    """
-
+    """B episodes in flight: the tokens fed to the DT and the rewards, per episode step. Row b holds
+    episode b from step 0, so restoring "the same DT stream" after a simulator reset is copying rows
+    (`branch`); the rollout rebuilds its cache from them."""
     states: torch.Tensor  # (B, T+1, S) normalised observations
     actions: torch.Tensor  # (B, T+1, A) action taken at each step (row T unused)
     rewards: torch.Tensor  # (B, T+1) reward after each step (row T unused)
@@ -574,15 +528,12 @@ class Episodes:
         ep.rtg[:, 0] = target_return * data.reward_scale
         return ep
 
-    def record(self, rows: torch.Tensor, a: torch.Tensor, obs: np.ndarray, r: torch.Tensor,
-               terminated: torch.Tensor) -> None:
+    def record(self, rows: torch.Tensor, a: torch.Tensor, obs: np.ndarray, r: torch.Tensor, terminated: torch.Tensor) -> None:
         """One env step of episodes `rows`: action a (B', A) taken, reward r (B',) and next
         observation obs (B', S) received. The next RTG token is the previous one minus the reward
         (the tokens fed during the rollout are the ones GRPO trains on [paper])."""
         t = self.t[rows]
-        self.actions[rows, t] = a
-        self.rewards[rows, t] = r
-        self.states[rows, t + 1] = self.data.normalise(obs)
+        self.actions[rows, t], self.rewards[rows, t], self.states[rows, t + 1] = a, r, self.data.normalise(obs)
         self.rtg[rows, t + 1] = self.rtg[rows, t] - r * self.data.reward_scale
         self.t[rows] = t + 1
         self.done[rows] = terminated | (t + 1 >= self.states.shape[1] - 1)  # our own time limit T
@@ -613,10 +564,9 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
     (B = 1), the simulator state before each step is kept. Returns logp (B, n_sampled), valid
     (B, n_sampled), uncertainty (B, n_steps) = mean predicted log-std (nan where no step), env_steps."""
     model.eval()  # dropout off: log π_old must be the exact function that is later differentiated
-    B = len(envs)
+    B, env_steps = len(envs), 0
     logp, valid = torch.zeros(B, n_sampled), torch.zeros(B, n_sampled, dtype=torch.bool)
     uncertainty = torch.full((B, n_steps), float("nan"))
-    env_steps = 0
     with torch.inference_mode():  # no autograd bookkeeping: faster than no_grad for these small steps
         # The cache at each episode's current step, from the stored tokens of the burn-in steps before
         # it: exact, since nothing further back reaches the cache (see the model). It keeps the rows
@@ -631,10 +581,9 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
             uncertainty[rows, j] = dist.log_std.mean(-1)
             if j < n_sampled:
                 a = dist.sample(gen)
-                logp[rows, j] = dist.log_prob(a)
-                valid[rows, j] = True
+                logp[rows, j], valid[rows, j] = dist.log_prob(a), True
             else:
-                a = dist.mode
+                a = torch.tanh(dist.mean)  # the mode: mean actions for evaluation and the L_eval scoring steps
             if snapshots is not None:
                 snapshots.append(get_snapshot(envs[0]))
             steps = [envs[b].unwrapped.step(a_b) for b, a_b in zip(rows.tolist(), ep.data.env_action(a))]
@@ -656,8 +605,7 @@ def play_episodes(model: DecisionTransformer, envs: list, seeds: list[int], targ
                   gen: torch.Generator, sampled: bool = True, snapshots: Optional[list] = None) -> tuple[Episodes, dict]:
     """Reset envs[b] with seeds[b] and play whole episodes conditioned on `target`, with sampled or
     mean actions. Used by GRPO's trajectory, its full-episode ablation, ODT and evaluation."""
-    envs = envs[: len(seeds)]
-    T = envs[0].spec.max_episode_steps
+    envs, T = envs[: len(seeds)], envs[0].spec.max_episode_steps
     ep = Episodes.start(np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]), target, T, data)
     played = rollout(model, envs, ep, T, T if sampled else 0, gen, snapshots)
     return ep, played
@@ -678,14 +626,11 @@ def play_episodes(model: DecisionTransformer, envs: list, seeds: list[int], targ
 #       ratio's denominator would not be the distribution that sampled the action.
 def choose_reset_points(uncertainty: torch.Tensor, n: int, rule: str, temperature: float,
                         gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b) Draw n reset steps along a trajectory from its uncertainty profile (T,). Returns the
-    steps (n,) and each step's probability (T,).
-
-    [paper] active sampling favours uncertain states; the exact rule is not published.
-    [ours] `uncertainty`: softmax of the standardised uncertainty / temperature, so that the
-    temperature means the same on every env; `uniform`: every step alike. With replacement
-    only when the trajectory has fewer than n steps.
-    """
+    """(b) Draw n reset steps along a trajectory from its uncertainty profile (T,). Returns the steps
+    (n,) and each step's probability (T,). Active sampling favours uncertain states; the exact rule is
+    not published [paper]. `uncertainty`: softmax of the standardised uncertainty / temperature, which
+    then means the same on every env; `uniform`: every step alike; with replacement only when the
+    trajectory has fewer than n steps [ours]."""
     if rule == "uniform" or len(uncertainty) < 2:
         probs = torch.full_like(uncertainty, 1 / len(uncertainty))
     else:
@@ -703,11 +648,9 @@ def score_rollouts(ep: Episodes, t0: torch.Tensor) -> torch.Tensor:
 
 
 def group_advantages(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(d) GRPO advantages: Â_i = (R_i - mean_group R) / (std_group R + eps). (N, G) -> (N, G)
-
-    The group mean is the baseline; no critic [paper]. A group whose scores are all equal
-    gives exactly zero: it carries no signal about which actions were better.
-    """
+    """(d) GRPO advantages: Â_i = (R_i - mean_group R) / (std_group R + eps). (N, G) -> (N, G). The group
+    mean is the baseline, no critic [paper]; a group of equal scores, which says nothing about which
+    actions were better, gives exactly zero."""
     centred = scores - scores.mean(1, keepdim=True)
     return centred / (scores.std(1, unbiased=False, keepdim=True) + eps)
 
@@ -715,7 +658,6 @@ def group_advantages(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 @dataclass
 class GroupBatch:
     """What one GRPO iteration collected: N*G rollouts of L sampled actions each."""
-
     ep: Episodes  # (B = N*G) rollout histories (whose rows the update's segments are cut from)
     t0: torch.Tensor  # (B,) reset step of each rollout
     logp_old: torch.Tensor  # (B, L) log π_old of the sampled actions, recorded while acting (L = T with --full-episodes)
@@ -792,11 +734,9 @@ def hindsight_relabel(ep: Episodes) -> Episodes:
 
 def log_ratios(logp_new: torch.Tensor, logp_old: torch.Tensor, valid: torch.Tensor, mode: str) -> torch.Tensor:
     """(e) Log importance ratios. (B, L) -> (B,) for 'joint'/'mean', (B, L) for 'token'.
-
     joint [paper]: log ρ_i = Σ_t log π_θ(a_t|c_t) - log π_old(a_t|c_t) over the sampled actions.
     mean (GSPO): that sum divided by the number of sampled actions.
-    token (PPO/GRPO ablation): one ratio per action.
-    """
+    token (PPO/GRPO ablation): one ratio per action."""
     diff = (logp_new - logp_old) * valid
     if mode == "token":
         return diff
@@ -840,7 +780,7 @@ def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.T
     dist, _ = model(seg, model.context(batch.ep.segment(rows, t0 - model.burn_in, model.burn_in)))  # (B', L, A)
     valid = batch.valid[rows]
     logp = dist.log_prob(seg.actions.to(dist.mean.device)).cpu()
-    return logp * valid, dist.rsample_entropy().cpu()[valid].mean()
+    return logp * valid, dist.entropy().cpu()[valid].mean()
 
 
 def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer, batch: GroupBatch,
@@ -956,14 +896,11 @@ def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, env
     env steps. `resume_from`: a checkpoint to continue from. Returns the last normalised score
     and the env steps used. Both algorithms count every env.step, so they compare at equal env steps."""
     online_target = args.online_target_return if args.online_target_return is not None else target
-    opt = torch.optim.AdamW(model.parameters(), lr=args.online_lr, weight_decay=args.weight_decay)
-    temp_opt = temperature_optimiser(log_temp)  # ODT keeps learning its temperature online
+    opt, temp_opt = optimisers(model, log_temp, args.online_lr, args.weight_decay, resume_from)  # ODT's temperature learns on
     buffer = best_trajectories(data, args.odt_buffer) if args.algo == "odt" else []
     # the progress bar shows the last known score: the starting policy's until the first evaluation
     env_steps, it, next_eval, score = 0, 0, args.eval_every, saver.info.get("pretrained_score", float("nan"))
     if resume_from is not None and "opt" in resume_from:
-        opt.load_state_dict(resume_from["opt"])
-        temp_opt.load_state_dict(resume_from["temp_opt"])
         buffer, env_steps, it = resume_from["buffer"], resume_from["env_steps"], resume_from["step"]
         next_eval, score = resume_from["next_eval"], resume_from["score"]
     bar = tqdm(total=args.online_steps, initial=min(env_steps, args.online_steps), desc=args.algo.upper(), unit="step")
@@ -1016,8 +953,7 @@ def check_finite(where: str, **values: torch.Tensor) -> None:
 
 def log(msg: str, loud: bool = False) -> None:
     """A line on stderr that keeps the progress bars intact; `loud` frames a warning."""
-    frame = "!" * 88
-    tqdm.write(f"{frame}\n[dt_grpo] WARNING: {msg}\n{frame}" if loud else f"[dt_grpo] {msg}", file=sys.stderr)
+    tqdm.write(f"{'!' * 88}\n[dt_grpo] WARNING: {msg}\n{'!' * 88}" if loud else f"[dt_grpo] {msg}", file=sys.stderr)
 
 
 def env_family(env_id: str) -> str:
@@ -1031,24 +967,22 @@ def env_defaults(args: Args) -> Args:
 
 
 def check_args(args: Args) -> None:
-    """Reject nonsense before any work is done."""
+    """Reject nonsense before any work is done. None (an unset optional flag) passes."""
     rules = [  # (fields, test, what the value must be)
-        (("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "checkpoint_interval"),
+        (("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "checkpoint_interval", "eval_len"),
          lambda v: v >= 0, ">= 0"),
-        (("eval_len",), lambda v: v is None or v >= 0, ">= 0"),
-        (("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "epochs",
-          "minibatch_size", "eval_episodes", "eval_every", "odt_episodes", "odt_updates", "odt_buffer", "lr",
-          "online_lr", "reward_scale", "init_temperature", "reset_temperature", "grad_clip"), lambda v: v > 0, "> 0"),
-        (("reset_points", "traj_len"), lambda v: v is None or v > 0, "> 0"),
+        (("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "epochs", "minibatch_size", "eval_episodes",
+          "eval_every", "odt_episodes", "odt_updates", "odt_buffer", "lr", "online_lr", "reward_scale", "init_temperature",
+          "reset_temperature", "grad_clip", "reset_points", "traj_len"), lambda v: v > 0, "> 0"),
         (("group_size",), lambda v: v >= 2, ">= 2 (a group of one is its own baseline: every advantage would be 0)"),
         (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),
         (("clip_eps",), lambda v: 0 < v < 1, "in (0, 1)"),
-        (("target_return", "online_target_return"), lambda v: v is None or math.isfinite(v), "a finite number"),
+        (("target_return", "online_target_return"), math.isfinite, "a finite number"),
     ]
     for names, ok, what in rules:
-        for name in names:
-            if not ok(getattr(args, name)):
-                raise UserError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+        for name, v in ((name, getattr(args, name)) for name in names):
+            if v is not None and not ok(v):
+                raise UserError(f"--{name.replace('_', '-')} must be {what}, got {v}")
     if args.embed_dim % args.n_head:
         raise UserError(f"--n-head {args.n_head} must divide --embed-dim {args.embed_dim}")
     if args.resume is not None and args.init_checkpoint is not None:
@@ -1072,8 +1006,7 @@ def make_env(env_id: str) -> gym.Env:
     previous = mujoco.get_mju_user_warning()
     mujoco.set_mju_user_warning(lambda msg: None)  # HalfCheetah-v4's XML: "'settotalmass' is deprecated", per env
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Hopper-v4 is out of date": known, v4 is the D4RL-era env
+        with warnings.catch_warnings(action="ignore"):  # "Hopper-v4 is out of date": known, v4 is the D4RL-era env
             env = gym.make(spec)
     finally:
         mujoco.set_mju_user_warning(previous)
@@ -1093,19 +1026,16 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int =
     `minari.DataCollector` need jax. Written under a temporary root and moved into place at the
     end, so a killed build leaves nothing that looks like a dataset. The seed is fixed, not the
     run's: every run builds the same dataset [ours]."""
-    env = make_env(env_id)
+    env, buffers, steps = make_env(env_id), [], 0
     env.action_space.seed(seed)
-    buffers, steps = [], 0
     with tqdm(total=n_steps, desc=f"building {dataset_id}", unit="step") as bar:
         while steps < n_steps:
             first_obs, _ = env.reset(seed=seed + len(buffers))
-            transitions, done = [], False
-            while not done:
+            transitions = []  # (obs, reward, terminated, truncated, action)
+            while not transitions or not (transitions[-1][2] or transitions[-1][3]):
                 action = env.action_space.sample()
-                obs, reward, terminated, truncated, _ = env.step(action)
-                transitions.append((obs, action, reward, terminated, truncated))
-                done = terminated or truncated
-            obs, actions, rewards, terminations, truncations = map(np.array, zip(*transitions))
+                transitions.append((*env.step(action)[:4], action))
+            obs, rewards, terminations, truncations, actions = map(np.array, zip(*transitions))
             buffers.append(EpisodeBuffer(id=len(buffers), seed=seed + len(buffers), actions=actions, rewards=rewards,
                                          observations=np.concatenate([first_obs[None], obs]), infos={},
                                          terminations=terminations, truncations=truncations))
@@ -1115,8 +1045,7 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int =
     old_root = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)  # Minari reads its root from here on every call
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Minari asks for author / permalink metadata
+        with warnings.catch_warnings(action="ignore"):  # Minari asks for author / permalink metadata
             minari.create_dataset_from_buffers(
                 dataset_id=dataset_id, buffer=buffers, env=env_id, algorithm_name="uniform-random",
                 author="dt-grpo", author_email="none", code_permalink="dt_grpo.py", data_format="hdf5",
@@ -1131,13 +1060,13 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int =
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Without a network Minari's hub client retries for ~23 s; one short TCP connect tells first [ours]."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
     try:
-        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""):
-            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-            return True
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
     except OSError:
-        pass
-    return False
+        return False
 
 
 def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
