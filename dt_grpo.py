@@ -773,14 +773,14 @@ def grpo_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, valid: torc
 def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_θ of the sampled actions of rollouts `rows`, (len(rows), L) with zeros at invalid
     steps, and the mean entropy estimate over the valid ones. As in the rollout: the cache at the
-    reset step t0 from the burn-in steps before it, then one pass over the L sampled steps, each
-    scored under exactly the inputs it was sampled with (see the model)."""
-    t0 = batch.t0[rows]
-    seg = batch.ep.segment(rows, t0, batch.logp_old.shape[1])
-    dist, _ = model(seg, model.context(batch.ep.segment(rows, t0 - model.burn_in, model.burn_in)))  # (B', L, A)
-    valid = batch.valid[rows]
-    logp = dist.log_prob(seg.actions.to(dist.mean.device)).cpu()
-    return logp * valid, dist.entropy().cpu()[valid].mean()
+    reset step t0 from the burn-in steps before it, then one pass over the sampled steps (to the last
+    one of any rollout in `rows`), each scored under exactly the inputs it was sampled with (see the model)."""
+    t0, valid = batch.t0[rows], batch.valid[rows]
+    n = int(valid.sum(1).max())  # the steps after the last sampled one of every rollout cannot change these (causal)
+    seg = batch.ep.segment(rows, t0, n)
+    dist, _ = model(seg, model.context(batch.ep.segment(rows, t0 - model.burn_in, model.burn_in)))  # (B', n, A)
+    logp = F.pad(dist.log_prob(seg.actions.to(dist.mean.device)).cpu(), (0, valid.shape[1] - n))  # (B', L)
+    return logp * valid, dist.entropy().cpu()[valid[:, :n]].mean()
 
 
 def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer, batch: GroupBatch,
