@@ -283,10 +283,13 @@ class CausalSelfAttention(nn.Module):
         self.qkv, self.proj = nn.Linear(E, 3 * E), nn.Linear(E, E)
         self.n_head, self.W, self.dropout, self.resid_drop = n_head, W, dropout, nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, past: Optional[tuple] = None) -> tuple[torch.Tensor, tuple]:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, past: Optional[tuple] = None,
+                s_only: bool = False) -> tuple[torch.Tensor, tuple]:
         """x (B, N, E) new tokens; valid (B, C + N): which of the C cached and N new tokens are real;
-        past: keys, values (B, H, C, E/H). Returns the output (B, N, E) and the keys and values."""
+        past: keys, values (B, H, C, E/H); s_only: queries at the s_t tokens only (every third), all that
+        the last block is read for. Returns the output (B, N or N/3, E) and the keys and values."""
         B, N, E = x.shape
+        queries = slice(2, None, 3) if s_only else slice(None)
         q, k, v = (z.view(B, N, self.n_head, E // self.n_head).transpose(1, 2) for z in self.qkv(x).split(E, dim=2))
         W, p = self.W, self.dropout if self.training else 0.0
         if past is not None:  # the new tokens attend to the cache (C <= W - 1 tokens) and to each other
@@ -294,16 +297,18 @@ class CausalSelfAttention(nn.Module):
         C = k.shape[2] - N
         if k.shape[2] <= 2 * W:  # a rollout step or a short segment: one mask over all keys
             pos = torch.arange(k.shape[2], device=x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(pos[-N:], pos, valid, W)[:, None], dropout_p=p)
+            mask = band_mask(pos[-N:][queries], pos, valid, W)
+            y = F.scaled_dot_product_attention(q[:, :, queries], k, v, attn_mask=mask[:, None], dropout_p=p)
         else:  # a long segment: query block b (W tokens) attends to the keys of blocks b - 1 and b only
             pad = -N % W  # padding at the end: nothing before it looks at it; in front, W keys in all
             windows = lambda z, dim: F.pad(z, (0, 0) * (z.dim() - dim - 1) + (W - C, pad)).unfold(dim, 2 * W, W)  # views
             kb, vb = (windows(z, 2).transpose(-1, -2) for z in (k, v))  # (B, H, nb, 2W, E/H)
-            mask = band_mask(torch.arange(N + pad, device=x.device).unflatten(0, (-1, W)),  # (nb, W) query positions
+            mask = band_mask(torch.arange(N + pad, device=x.device).unflatten(0, (-1, W))[:, queries],  # query positions
                              torch.arange(-W, N + pad, device=x.device).unfold(0, 2 * W, W), windows(valid, 1), W)
-            qb = F.pad(q, (0, 0, 0, pad)).unflatten(2, (-1, W))  # (B, H, nb, W, E/H)
-            y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], dropout_p=p).flatten(2, 3)[:, :, :N]
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, E))), (k, v)
+            qb = F.pad(q, (0, 0, 0, pad)).unflatten(2, (-1, W))[:, :, :, queries]  # (B, H, nb, W or W/3, E/H)
+            y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], dropout_p=p).flatten(2, 3)
+            y = y[:, :, : N // 3 if s_only else N]
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, -1, E))), (k, v)
 
 
 class Block(nn.Module):
@@ -313,9 +318,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(E, n_head, W, dropout)
         self.mlp = nn.Sequential(nn.Linear(E, 4 * E), nn.GELU(), nn.Linear(4 * E, E), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, past: Optional[tuple] = None) -> tuple[torch.Tensor, tuple]:
-        y, kv = self.attn(self.ln1(x), valid, past)
-        x = x + y
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, past: Optional[tuple] = None,
+                s_only: bool = False) -> tuple[torch.Tensor, tuple]:
+        y, kv = self.attn(self.ln1(x), valid, past, s_only)
+        x = (x[:, 2::3] if s_only else x) + y
         return x + self.mlp(self.ln2(x)), kv
 
 
@@ -390,9 +396,9 @@ class DecisionTransformer(nn.Module):
         kv = []
         for i, block in enumerate(self.blocks):  # a long segment recomputes in backward: a third of the memory
             run = partial(checkpoint, block, use_reentrant=False) if torch.is_grad_enabled() and n > LONG_SEGMENT else block
-            x, layer_kv = run(x, valid, None if past is None else past.kv[i])
+            x, layer_kv = run(x, valid, None if past is None else past.kv[i], i == len(self.blocks) - 1)
             kv.append(layer_kv)
-        h = self.ln_f(x).reshape(B, n, 3, -1)[:, :, 2]  # (B, n, E) hidden states of the s_t tokens
+        h = self.ln_f(x)  # (B, n, E): the last block computes only the s_t tokens, from which a_t is predicted
         mean, raw_log_std = self.head(h).split(self.A, dim=-1)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(raw_log_std) + 1)
         keep = 3 * self.K - 1  # the tokens a later step can see; older ones are dropped
