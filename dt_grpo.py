@@ -395,8 +395,8 @@ class DecisionTransformer(nn.Module):
             valid = torch.cat([past.valid, valid], 1)  # (B, C + 3n): the cached tokens come first
         kv = []
         for i, block in enumerate(self.blocks):  # a long segment recomputes in backward: a third of the memory
-            run = partial(checkpoint, block, use_reentrant=False) if torch.is_grad_enabled() and n > LONG_SEGMENT else block
-            x, layer_kv = run(x, valid, None if past is None else past.kv[i], i == len(self.blocks) - 1)
+            layer = partial(checkpoint, block, use_reentrant=False) if torch.is_grad_enabled() and n > LONG_SEGMENT else block
+            x, layer_kv = layer(x, valid, None if past is None else past.kv[i], i == len(self.blocks) - 1)
             kv.append(layer_kv)
         h = self.ln_f(x)  # (B, n, E): the last block computes only the s_t tokens, from which a_t is predicted
         mean, raw_log_std = self.head(h).split(self.A, dim=-1)
