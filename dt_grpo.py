@@ -327,8 +327,8 @@ class Block(nn.Module):
 
 @dataclass
 class Cache:
-    """What a rollout keeps of each episode's stream between steps: at every layer, the keys and
-    values of its last 3K - 1 tokens, and which of them are real (not padding before step 0)."""
+    """The keys and values of a stream's last 3K - 1 tokens at every layer, and which of them are real
+    (not padding before step 0): what a rollout keeps between steps, and what an update starts from."""
     kv: list  # per layer: keys, values (B, H, 3K-1, E/H)
     valid: torch.Tensor  # (B, 3K-1) bool
 
