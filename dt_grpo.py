@@ -1037,11 +1037,13 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int =
     with tqdm(total=n_steps, desc=f"building {dataset_id}", unit="step") as bar:
         while steps < n_steps:
             first_obs, _ = env.reset(seed=seed + len(buffers))
-            transitions = []  # (obs, reward, terminated, truncated, action)
-            while not transitions or not (transitions[-1][2] or transitions[-1][3]):
+            transitions, done = [], False
+            while not done:
                 action = env.action_space.sample()
-                transitions.append((*env.step(action)[:4], action))
-            obs, rewards, terminations, truncations, actions = map(np.array, zip(*transitions))
+                obs, reward, terminated, truncated, _ = env.step(action)
+                transitions.append((obs, action, reward, terminated, truncated))
+                done = terminated or truncated
+            obs, actions, rewards, terminations, truncations = map(np.array, zip(*transitions))
             buffers.append(EpisodeBuffer(id=len(buffers), seed=seed + len(buffers), actions=actions, rewards=rewards,
                                          observations=np.concatenate([first_obs[None], obs]), infos={},
                                          terminations=terminations, truncations=truncations))
