@@ -266,6 +266,9 @@ class Dataset:
 #     field, `burn_in`) reaches step t. The cache rebuilt from the stored tokens of the `burn_in` steps
 #     before a reset step is the one the rollout had there: a group's rollouts start from it, and GRPO's
 #     update scores a sub-trajectory in one pass behind it, with the log-probs the rollout recorded.
+S_TOKENS = slice(2, None, 3)  # the s_t token of each step's three: the one the action head reads
+
+
 def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, W: int) -> torch.Tensor:
     """The real keys among the W tokens that end at each query, and the query itself (a padding
     query then gets a finite, unused output, not NaN). q_pos (..., Nq), k_pos (..., Nk) stream
@@ -289,7 +292,7 @@ class CausalSelfAttention(nn.Module):
         past: keys, values (B, H, C, E/H); s_only: queries at the s_t tokens only (every third), all that
         the last block is read for. Returns the output (B, N or N/3, E) and the keys and values."""
         B, N, E = x.shape
-        queries = slice(2, None, 3) if s_only else slice(None)
+        queries = S_TOKENS if s_only else slice(None)
         q, k, v = (z.view(B, N, self.n_head, E // self.n_head).transpose(1, 2) for z in self.qkv(x).split(E, dim=2))
         W, p = self.W, self.dropout if self.training else 0.0
         if past is not None:  # the new tokens attend to the cache (C <= W - 1 tokens) and to each other
@@ -321,7 +324,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor, past: Optional[tuple] = None,
                 s_only: bool = False) -> tuple[torch.Tensor, tuple]:
         y, kv = self.attn(self.ln1(x), valid, past, s_only)
-        x = (x[:, 2::3] if s_only else x) + y
+        x = (x[:, S_TOKENS] if s_only else x) + y
         return x + self.mlp(self.ln2(x)), kv
 
 
