@@ -1,12 +1,10 @@
 """dt_grpo.py: online finetuning of a Decision Transformer with pure RL gradients (GRPO).
 
 One file in the order of the algorithm: Args -> data -> model -> pretraining -> rollouts and resets
--> GRPO -> ODT baseline -> evaluation -> the training loop -> plumbing (checks, datasets, checkpoints).
-It follows
+-> GRPO -> ODT baseline -> evaluation -> the training loop -> plumbing (checks, datasets, checkpoints). Sources:
   * Luo & Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", arXiv 2601.00167
-    (2026): the method. Its code was not released and its full text was not available to us:
-    comments say [paper] for what its abstract, public reviews and reading notes confirm, and
-    [ours] for this project's choices;
+    (2026): the method. Without its code or full text, comments say [paper] for what its abstract,
+    public reviews and reading notes confirm, and [ours] for this project's choices;
   * Chen et al., "Decision Transformer", arXiv 2106.01345 (2021): the model;
   * Zheng et al., "Online Decision Transformer", arXiv 2202.05607 (2022): the stochastic policy,
     the pretraining objective, and the baseline `--algo odt`;
@@ -30,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
+from unittest import mock
 
 import gymnasium as gym
 import minari
@@ -175,9 +174,8 @@ def returns_to_go(rewards: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Segment:
-    """B runs of n consecutive episode steps: the inputs of one forward pass of the DT, and the
-    actions taken (the targets). Steps before step 0 or past the last known one are padding
-    (`valid` False), which the model never attends to."""
+    """B runs of n consecutive episode steps: the DT's inputs, and the actions taken (its targets).
+    Steps before step 0 or past the last known one are padding (`valid` False), never attended to."""
     rtg: torch.Tensor  # (B, n) scaled return-to-go R̂_t
     states: torch.Tensor  # (B, n, S) normalised s_t
     prev_actions: torch.Tensor  # (B, n, A) a_{t-1} (zero at t = 0)
@@ -255,24 +253,21 @@ class Dataset:
 # =============================================================================================
 # Model: GPT-style Decision Transformer with a tanh-Gaussian action head
 # =============================================================================================
-# The DT reads an episode as one stream of tokens, three per step: a_{t-1}, R̂_t, s_t (DT's R̂_0 s_0 a_0
-# R̂_1 ..., grouped so that a step's tokens are known together; a_{-1} is padding). Attention is causal
-# and limited to a sliding window of the last W = 3K tokens, as in long-context language models [ours;
-# DT and the paper cut a separate window of K steps for every action]. It is fast and keeps ratios exact:
-#   * A token's hidden state never changes once computed, so a rollout step runs only its three new
-#     tokens through the blocks, attending to a cache of the keys and values of the last W - 1 tokens
-#     at every layer (`Cache`): what a pass over the whole stream computes, up to float rounding.
-#   * Each layer looks at most W - 1 tokens back, so nothing before step t - n_layer * K (the receptive
-#     field, `burn_in`) reaches step t. The cache rebuilt from the stored tokens of the `burn_in` steps
-#     before a reset step is the one the rollout had there: a group's rollouts start from it, and GRPO's
-#     update scores a sub-trajectory in one pass behind it, with the log-probs the rollout recorded.
+# The DT reads an episode as one stream of three tokens per step, a_{t-1} R̂_t s_t (DT's R̂_0 s_0 a_0 R̂_1 ...
+# grouped so that a step's tokens are known together). Causal attention sees a sliding window of the last
+# W = 3K tokens, as in long-context language models [ours; DT and the paper cut a window of K steps for
+# every action]. It is fast and keeps ratios exact:
+#   * A token's hidden state never changes once computed: a rollout step runs only its three new tokens,
+#     attending to a cache of the last W - 1 keys and values at every layer (`Cache`), as one pass would.
+#   * Nothing before step t - n_layer * K (the receptive field, `burn_in`) reaches step t, so the cache
+#     rebuilt from the `burn_in` stored steps before a reset step is the one the rollout had there: a
+#     group's rollouts start from it, and GRPO's update scores a sub-trajectory in one pass behind it.
 S_TOKENS = slice(2, None, 3)  # the s_t token of each step's three: the one the action head reads
 
 
 def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, W: int) -> torch.Tensor:
-    """The real keys among the W tokens that end at each query, and the query itself (a padding
-    query then gets a finite, unused output, not NaN). q_pos (..., Nq), k_pos (..., Nk) stream
-    positions; k_valid (B, ..., Nk) bool -> (B, ..., Nq, Nk)."""
+    """The real keys among the W tokens that end at each query, and the query itself (so a padding query
+    gets a finite output, not NaN). Stream positions q_pos (..., Nq), k_pos (..., Nk); k_valid (B, ..., Nk)."""
     d = q_pos[..., :, None] - k_pos[..., None, :]
     return (d >= 0) & (d < W) & k_valid[..., None, :] | (d == 0)
 
@@ -344,11 +339,11 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # ODT's squashing range for the log-std
 ACTION_CLAMP = 1 - 1e-6  # dataset actions at exactly ±1 would give atanh = ±inf
 
 
+@dataclass
 class TanhNormal:
     """a = tanh(u), u ~ Normal(mean, std): the stochastic policy of ODT. Shapes (..., A)."""
-
-    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
-        self.mean, self.log_std = mean, log_std
+    mean: torch.Tensor
+    log_std: torch.Tensor
 
     def log_prob(self, a: torch.Tensor) -> torch.Tensor:
         """log π(a), summed over action dims: (..., A) -> (...). Change of variables:
@@ -369,10 +364,9 @@ class TanhNormal:
 
 
 class DecisionTransformer(nn.Module):
-    """Tokens a_{t-1}, R̂_t, s_t per step, each with a linear embedding plus a learned embedding
-    of its absolute episode step [DT]; a causal GPT over the stream with a sliding window of 3K
-    tokens (above); the action a_t is predicted from the hidden state of the s_t token, so it
-    sees R̂_≤t, s_≤t, a_<t only."""
+    """Tokens a_{t-1}, R̂_t, s_t, each a linear embedding plus a learned embedding of its episode step
+    [DT]; a causal GPT with a 3K-token sliding window (above); a_t is predicted from the s_t token's
+    hidden state, so it sees R̂_≤t, s_≤t, a_<t only."""
 
     def __init__(self, S: int, A: int, max_ep_len: int, K: int, E: int, n_layer: int, n_head: int, dropout: float):
         super().__init__()
@@ -439,14 +433,13 @@ def odt_loss(model: DecisionTransformer, seg: Segment, log_temp: torch.Tensor) -
 
 def optimisers(model: DecisionTransformer, log_temp: torch.Tensor, lr: float, weight_decay: float,
                resume_from: Optional[dict] = None) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """AdamW for the policy; Adam for the log-temperature, with ODT's settings. Restored from a
-    checkpoint `resume_from` that has them."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    temp_opt = torch.optim.Adam([log_temp], lr=1e-4, betas=(0.9, 0.999))
-    if resume_from is not None and "opt" in resume_from:
-        opt.load_state_dict(resume_from["opt"])
-        temp_opt.load_state_dict(resume_from["temp_opt"])
-    return opt, temp_opt
+    """AdamW for the policy; Adam for the log-temperature, with ODT's settings; restored from the
+    checkpoint `resume_from` if it has them."""
+    opts = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay), torch.optim.Adam([log_temp], lr=1e-4)
+    for opt, key in zip(opts, ("opt", "temp_opt")):
+        if resume_from is not None and key in resume_from:
+            opt.load_state_dict(resume_from[key])
+    return opts
 
 
 def odt_update(model: DecisionTransformer, opt: torch.optim.Optimizer, log_temp: torch.Tensor,
@@ -467,9 +460,8 @@ def odt_update(model: DecisionTransformer, opt: torch.optim.Optimizer, log_temp:
 
 def pretrain(args: Args, model: DecisionTransformer, data: Dataset, metrics: "Metrics", gen: torch.Generator,
              log_temp: torch.Tensor, saver: Optional["Checkpointer"] = None, resume_from: Optional[dict] = None) -> None:
-    """Offline pretraining as in ODT: AdamW with linear warm-up and gradient clipping for the
-    policy, Adam for the log-temperature `log_temp` (updated in place). With `saver`,
-    checkpoints as it goes; `resume_from` is a checkpoint to continue from."""
+    """Offline pretraining as in ODT, with a linear warm-up; `log_temp` is updated in place. With
+    `saver`, checkpoints as it goes; `resume_from` is a checkpoint to continue from."""
     opt, temp_opt = optimisers(model, log_temp, args.lr, args.weight_decay, resume_from)
     start = resume_from["step"] if resume_from is not None else 0
     model.train()
@@ -516,9 +508,8 @@ def set_snapshot(env: gym.Env, snapshot: np.ndarray) -> None:
 
 @dataclass
 class Episodes:
-    """B episodes in flight: the tokens fed to the DT and the rewards, per episode step. Row b holds
-    episode b from step 0, so restoring "the same DT stream" after a simulator reset is copying rows
-    (`branch`); the rollout rebuilds its cache from them."""
+    """B episodes in flight: the tokens fed to the DT and the rewards, per step. Row b holds episode b from
+    step 0, so restoring "the same DT stream" at a reset is copying rows (`branch`), and its cache follows."""
     states: torch.Tensor  # (B, T+1, S) normalised observations
     actions: torch.Tensor  # (B, T+1, A) action taken at each step (row T unused)
     rewards: torch.Tensor  # (B, T+1) reward after each step (row T unused)
@@ -538,9 +529,8 @@ class Episodes:
         return ep
 
     def record(self, rows: torch.Tensor, a: torch.Tensor, obs: np.ndarray, r: torch.Tensor, terminated: torch.Tensor) -> None:
-        """One env step of episodes `rows`: action a (B', A) taken, reward r (B',) and next
-        observation obs (B', S) received. The next RTG token is the previous one minus the reward
-        (the tokens fed during the rollout are the ones GRPO trains on [paper])."""
+        """One env step of episodes `rows`: action a (B', A), then reward r (B',) and observation obs (B', S).
+        The next RTG token is the last minus the reward: the tokens fed are the ones GRPO trains on [paper]."""
         t = self.t[rows]
         self.actions[rows, t], self.rewards[rows, t], self.states[rows, t + 1] = a, r, self.data.normalise(obs)
         self.rtg[rows, t + 1] = self.rtg[rows, t] - r * self.data.reward_scale
@@ -566,20 +556,18 @@ class Episodes:
 
 def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, n_sampled: int,
             gen: torch.Generator, snapshots: Optional[list] = None) -> dict:
-    """Advance B episodes together (envs[b] plays episode b) for at most n_steps, one batched
-    cached DT step per env step. The first n_sampled actions are sampled and their log π_old
-    recorded, the rest are mean actions. The step counter is ours, not the TimeLimit wrapper's,
-    which a restore cannot rewind: episodes end at T = max_episode_steps. With `snapshots`
-    (B = 1), the simulator state before each step is kept. Returns logp (B, n_sampled), valid
-    (B, n_sampled), uncertainty (B, n_steps) = mean predicted log-std (nan where no step), env_steps."""
+    """Advance B episodes together (envs[b] plays episode b) for at most n_steps, one batched cached DT
+    step per env step. The first n_sampled actions are sampled and their log π_old recorded, the rest are
+    mean actions. Episodes end at T = max_episode_steps by our own step counter (a restore cannot rewind
+    the TimeLimit wrapper's). With `snapshots` (B = 1), the simulator state before each step is kept.
+    Returns logp, valid (B, n_sampled), uncertainty (B, n_steps) = mean predicted log-std, env_steps."""
     model.eval()  # dropout off: log π_old must be the exact function that is later differentiated
     B, env_steps = len(envs), 0
     logp, valid = torch.zeros(B, n_sampled), torch.zeros(B, n_sampled, dtype=torch.bool)
     uncertainty = torch.full((B, n_steps), float("nan"))
     with torch.inference_mode():  # no autograd bookkeeping: faster than no_grad for these small steps
-        # The cache at each episode's current step, from the stored tokens of the burn-in steps before
-        # it: exact, since nothing further back reaches the cache (see the model). It keeps the rows
-        # of the episodes still running, `rows`, and drops those that end.
+        # The cache at each episode's current step, rebuilt from its burn-in steps (exact: see the model).
+        # It keeps the rows of the episodes still running, `rows`, and drops those that end.
         rows = (~ep.done).nonzero().squeeze(1)  # (B',)
         cache = model.context(ep.segment(rows, ep.t[rows] - model.burn_in, model.burn_in))
         for j in range(n_steps):
@@ -635,11 +623,10 @@ def play_episodes(model: DecisionTransformer, envs: list, seeds: list[int], targ
 #       ratio's denominator would not be the distribution that sampled the action.
 def choose_reset_points(uncertainty: torch.Tensor, n: int, rule: str, temperature: float,
                         gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b) Draw n reset steps along a trajectory from its uncertainty profile (T,). Returns the steps
-    (n,) and each step's probability (T,). Active sampling favours uncertain states; the exact rule is
-    not published [paper]. `uncertainty`: softmax of the standardised uncertainty / temperature, which
-    then means the same on every env; `uniform`: every step alike; with replacement only when the
-    trajectory has fewer than n steps [ours]."""
+    """(b) Draw n reset steps (n,) along a trajectory from its uncertainty profile (T,), and return them with
+    each step's probability (T,). Active sampling favours uncertain states; the rule is not published
+    [paper]. Ours: a softmax of the standardised uncertainty / temperature (the same on every env), or
+    `uniform`; with replacement only when the trajectory has fewer than n steps."""
     if rule == "uniform" or len(uncertainty) < 2:
         probs = torch.full_like(uncertainty, 1 / len(uncertainty))
     else:
@@ -733,11 +720,9 @@ def finish_groups(args: Args, ep: Episodes, t0: torch.Tensor, played: dict, scor
 
 
 def hindsight_relabel(ep: Episodes) -> Episodes:
-    """ODT's hindsight return relabeling, as the paper's negative ablation: RTG tokens become the
-    (scaled) return each rollout actually achieved from that step on. Nothing else changes.
-
-    The actions were sampled under the *original* tokens, so π_old(a | relabelled context) is not
-    the distribution a came from and the importance ratios are wrong [paper]."""
+    """ODT's hindsight return relabeling, the paper's negative ablation: RTG tokens become the (scaled)
+    return each rollout achieved from that step on. The actions were sampled under the *original* tokens,
+    so π_old(a | relabelled context) is not the distribution a came from: the ratios are wrong [paper]."""
     return dataclasses.replace(ep, rtg=returns_to_go(ep.rewards) * ep.data.reward_scale)
 
 
@@ -865,14 +850,11 @@ def odt_train(args: Args, model: DecisionTransformer, opt: torch.optim.Optimizer
     """args.odt_updates supervised updates on windows of the buffer (dropout on, as in pretraining)."""
     replay = buffer_dataset(buffer, data)
     model.train()
-    losses, entropies = [], []
-    for _ in range(args.odt_updates):
-        loss, entropy = odt_update(model, opt, log_temp, temp_opt, replay.sample(args.batch_size, model.K, gen),
-                                   args.grad_clip, where)
-        losses.append(loss)
-        entropies.append(entropy)
+    losses = [odt_update(model, opt, log_temp, temp_opt, replay.sample(args.batch_size, model.K, gen), args.grad_clip,
+                         where) for _ in range(args.odt_updates)]  # (loss, entropy) per update
     model.eval()
-    return dict(loss=float(np.mean(losses)), entropy=float(np.mean(entropies)), temperature=log_temp.exp().item())
+    loss, entropy = map(np.mean, zip(*losses))
+    return dict(loss=float(loss), entropy=float(entropy), temperature=log_temp.exp().item())
 
 
 # =============================================================================================
@@ -969,20 +951,13 @@ def env_family(env_id: str) -> str:
     return env_id.split("-v")[0]
 
 
-def env_defaults(args: Args) -> Args:
-    """Args with the env's GRPO sub-trajectory settings (ENV_TABLE) where no flag set them."""
-    grpo = ENV_TABLE[env_family(args.env)]["grpo"]
-    return dataclasses.replace(args, **{k: v for k, v in grpo.items() if getattr(args, k) is None})
-
-
 def check_args(args: Args) -> None:
     """Reject nonsense before any work is done. None (an unset optional flag) passes."""
     rules = [  # (fields, test, what the value must be)
-        (("pretrain_steps", "online_steps", "random_dataset_steps", "warmup_steps", "checkpoint_interval", "eval_len"),
-         lambda v: v >= 0, ">= 0"),
-        (("batch_size", "context_len", "embed_dim", "n_layer", "n_head", "epochs", "minibatch_size", "eval_episodes",
-          "eval_every", "odt_episodes", "odt_updates", "odt_buffer", "lr", "online_lr", "reward_scale", "init_temperature",
-          "reset_temperature", "grad_clip", "reset_points", "traj_len"), lambda v: v > 0, "> 0"),
+        (("pretrain_steps", "online_steps", "warmup_steps", "checkpoint_interval", "eval_len"), lambda v: v >= 0, ">= 0"),
+        (("random_dataset_steps", "batch_size", "context_len", "embed_dim", "n_layer", "n_head", "epochs", "minibatch_size",
+          "eval_episodes", "eval_every", "odt_episodes", "odt_updates", "odt_buffer", "lr", "online_lr", "reward_scale",
+          "init_temperature", "reset_temperature", "grad_clip", "reset_points", "traj_len"), lambda v: v > 0, "> 0"),
         (("group_size",), lambda v: v >= 2, ">= 2 (a group of one is its own baseline: every advantage would be 0)"),
         (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),
         (("clip_eps",), lambda v: 0 < v < 1, "in (0, 1)"),
@@ -1030,11 +1005,10 @@ def make_env(env_id: str) -> gym.Env:
 
 
 def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int = 0) -> None:
-    """Write a Minari dataset of a uniform-random policy (the paper's low-quality data, D4RL's
-    "random"). `EpisodeBuffer`s are filled with whole arrays, since `add_step_data` and
-    `minari.DataCollector` need jax. Written under a temporary root and moved into place at the
-    end, so a killed build leaves nothing that looks like a dataset. The seed is fixed, not the
-    run's: every run builds the same dataset [ours]."""
+    """Write a Minari dataset of a uniform-random policy (the paper's low-quality data, D4RL's "random")
+    from whole-episode `EpisodeBuffer`s (`minari.DataCollector` needs jax). Built under a temporary root
+    and moved into place, so a killed build leaves no dataset behind. The seed is fixed, not the run's:
+    every run builds the same dataset [ours]."""
     env, buffers, steps = make_env(env_id), [], 0
     env.action_space.seed(seed)
     with tqdm(total=n_steps, desc=f"building {dataset_id}", unit="step") as bar:
@@ -1053,10 +1027,8 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int =
             steps += len(rewards)
             bar.update(len(rewards))
     final, tmp_root = minari.storage.get_dataset_path(dataset_id), minari.storage.get_dataset_path() / f".building-{os.getpid()}"
-    old_root = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(tmp_root)  # Minari reads its root from here on every call
-    try:
-        with warnings.catch_warnings(action="ignore"):  # Minari asks for author / permalink metadata
+    try:  # Minari reads its root from the environment on every call, and asks for author / permalink metadata
+        with mock.patch.dict(os.environ, MINARI_DATASETS_PATH=str(tmp_root)), warnings.catch_warnings(action="ignore"):
             minari.create_dataset_from_buffers(
                 dataset_id=dataset_id, buffer=buffers, env=env_id, algorithm_name="uniform-random",
                 author="dt-grpo", author_email="none", code_permalink="dt_grpo.py", data_format="hdf5",
@@ -1065,7 +1037,6 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int =
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_root / dataset_id, final)
     finally:
-        os.environ.pop("MINARI_DATASETS_PATH") if old_root is None else os.environ.update(MINARI_DATASETS_PATH=old_root)
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
@@ -1085,9 +1056,8 @@ def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
     random one when the hub cannot be reached), read it (a missing `local/` one is built, a
     corrupt one rebuilt, loudly), check it fits the env and flatten it for window sampling."""
     family = env_family(args.env)
-    dataset_id = args.dataset or ENV_TABLE[family]["dataset"]
+    dataset_id, local_id = args.dataset or ENV_TABLE[family]["dataset"], f"local/{family.lower()}-random-v0"
     if not dataset_id.startswith("local/") and not minari.storage.get_dataset_path(dataset_id).exists():
-        local_id = f"local/{family.lower()}-random-v0"
         if hub_reachable():
             try:
                 minari.load_dataset(dataset_id, download=True)
@@ -1114,8 +1084,6 @@ def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
         if existed:
             log(f"cached dataset {dataset_id!r} is partial or corrupt ({type(e).__name__}: {e}).\n"
                 "[dt_grpo] REBUILDING it from scratch.", loud=True)
-        if args.random_dataset_steps <= 0:
-            raise UserError(f"--random-dataset-steps must be > 0 to build {dataset_id}") from None
         log(f"building {dataset_id}: {args.random_dataset_steps} uniform-random steps on {args.env}")
         build_random_dataset(dataset_id, args.env, args.random_dataset_steps)
         ds = minari.load_dataset(dataset_id)
@@ -1124,9 +1092,8 @@ def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
     if spaces != (env.observation_space.shape, env.action_space.shape):
         raise UserError(f"dataset {dataset_id} does not fit {args.env}: its observations/actions are {spaces[0]}/"
                         f"{spaces[1]}, the env's {env.observation_space.shape}/{env.action_space.shape}")
-    recorded_on = ds.spec.env_spec.id if ds.spec.env_spec is not None else "unknown"
-    if recorded_on != args.env:
-        log(f"dataset {dataset_id} was recorded on {recorded_on} and we finetune on {args.env}; their spaces match")
+    if ds.spec.env_spec is not None and ds.spec.env_spec.id != args.env:
+        log(f"dataset {dataset_id} was recorded on {ds.spec.env_spec.id} and we finetune on {args.env}; spaces match")
     data = Dataset.from_episodes(episodes, args.reward_scale, env.action_space)
     log(f"dataset {dataset_id}: {len(data.episode_returns)} episodes, {len(data.rtg)} steps, "
         f"return mean {data.episode_returns.mean():.1f} max {data.episode_returns.max():.1f}")
@@ -1181,11 +1148,10 @@ def plot_curves(metrics: Metrics, env_id: str) -> None:
 
 
 class Checkpointer:
-    """`checkpoint.pt`: all that a bit-identical continuation needs (args, weights, temperature,
-    optimiser and RNG states, counters, the ODT buffer, how many metrics rows it has seen),
-    written atomically at update/iteration boundaries: every --checkpoint-interval seconds, at
-    each evaluation, and on Ctrl-C, which only sets a flag so that the update in flight
-    finishes first. Non-finite weights are never written [ours]."""
+    """`checkpoint.pt`: all that a bit-identical continuation needs (args, weights, temperature, optimiser
+    and RNG states, counters, the ODT buffer, how many metrics rows it has seen), written atomically between
+    updates: every --checkpoint-interval seconds, at each evaluation, and on Ctrl-C, which only sets a flag
+    so that the update in flight finishes first. Non-finite weights are never written [ours]."""
 
     def __init__(self, run_dir: Path, args: Args, dataset_id: str, model: DecisionTransformer, data: Dataset,
                  log_temp: torch.Tensor, metrics: Metrics, gen: torch.Generator, rng: np.random.Generator):
@@ -1227,7 +1193,8 @@ def load_checkpoint(path: Path, args: Args) -> tuple[dict, Args]:
     """A checkpoint, loaded with weights_only=True, and the args to run with: with --resume the
     run's own (a flag given beside it must repeat the run's value), otherwise `args`."""
     if not path.is_file():
-        raise UserError(f"--resume {args.resume}: the directory holds no checkpoint.pt" if args.resume else f"no checkpoint at {path}")
+        raise UserError(f"no checkpoint at {path}" if not args.resume else f"--resume {args.resume}: " +
+                        ("the directory holds no checkpoint.pt" if path.parent.is_dir() else "no such run directory"))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = Args(**ckpt["args"]) if args.resume else args
@@ -1247,8 +1214,6 @@ def run(args: Args) -> dict:
     check_args(args)
     t_start, start_from = time.time(), None
     if args.resume is not None:
-        if not Path(args.resume).is_dir():
-            raise UserError(f"--resume {args.resume}: no such run directory")
         start_from, args = load_checkpoint(Path(args.resume) / "checkpoint.pt", args)
         log(f"resuming {args.resume} from its {start_from['phase']} checkpoint at step {start_from['step']}")
     elif args.init_checkpoint is not None:
@@ -1257,7 +1222,8 @@ def run(args: Args) -> dict:
     torch.manual_seed(args.seed)
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     env = make_env(args.env)
-    args = env_defaults(args)
+    grpo = ENV_TABLE[env_family(args.env)]["grpo"]  # the env's sub-trajectories where no flag set them
+    args = dataclasses.replace(args, **{k: v for k, v in grpo.items() if getattr(args, k) is None})
     target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
     data, dataset_id = load_data(args, env)
     data_time_s = time.time() - t_start
@@ -1272,11 +1238,10 @@ def run(args: Args) -> dict:
     log(f"run directory: {run_dir}")
     metrics = Metrics(run_dir / "metrics.csv", *((resume["metrics_rows"], resume["elapsed_s"]) if resume else ()))
     model = make_model(args, data.states.shape[1], data.actions.shape[1], env.spec.max_episode_steps)
-    log_temp = torch.tensor(math.log(args.init_temperature), device=args.device)
+    log_temp = start_from["log_temp"].clone() if start_from else torch.tensor(math.log(args.init_temperature))
+    log_temp = log_temp.to(args.device).requires_grad_(True)
     if start_from is not None:
         model.load_state_dict(start_from["model"])
-        log_temp = start_from["log_temp"].clone().to(args.device)
-    log_temp.requires_grad_(True)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     envs = [make_env(args.env) for _ in range(max(args.eval_episodes, args.reset_points * args.group_size, args.odt_episodes))]
     saver = Checkpointer(run_dir, args, dataset_id, model, data, log_temp, metrics, gen, rng)
