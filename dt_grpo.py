@@ -964,7 +964,8 @@ def check_args(args: Args) -> None:
         (("target_return", "online_target_return"), math.isfinite, "a finite number"),
     ]
     for names, ok, what in rules:
-        for name, v in ((name, getattr(args, name)) for name in names):
+        for name in names:
+            v = getattr(args, name)
             if v is not None and not ok(v):
                 raise UserError(f"--{name.replace('_', '-')} must be {what}, got {v}")
     if args.embed_dim % args.n_head:
