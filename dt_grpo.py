@@ -348,7 +348,8 @@ class TanhNormal:
     def log_prob(self, a: torch.Tensor) -> torch.Tensor:
         """log π(a), summed over action dims: (..., A) -> (...). Change of variables:
         log p(a) = log N(u) - sum log(1 - tanh(u)^2), written stably as 2(log 2 - u - softplus(-2u))."""
-        u = torch.atanh(a.clamp(-ACTION_CLAMP, ACTION_CLAMP))
+        u = torch.atanh(a.to(self.mean.dtype).clamp(-ACTION_CLAMP, ACTION_CLAMP))  # in the policy's dtype: stored
+        # actions are float32, and float32 atanh rounds differently in a vectorised kernel than one by one
         log_normal = -0.5 * ((u - self.mean) / self.log_std.exp()) ** 2 - self.log_std - 0.5 * math.log(2 * math.pi)
         log_det = 2 * (math.log(2) - u - F.softplus(-2 * u))
         return (log_normal - log_det).sum(-1)
@@ -562,9 +563,9 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
     the TimeLimit wrapper's). With `snapshots` (B = 1), the simulator state before each step is kept.
     Returns logp, valid (B, n_sampled), uncertainty (B, n_steps) = mean predicted log-std, env_steps."""
     model.eval()  # dropout off: log π_old must be the exact function that is later differentiated
-    B, env_steps = len(envs), 0
-    logp, valid = torch.zeros(B, n_sampled), torch.zeros(B, n_sampled, dtype=torch.bool)
-    uncertainty = torch.full((B, n_steps), float("nan"))
+    B, env_steps, dtype = len(envs), 0, model.head.weight.dtype  # log π_old in the model's dtype, as log π_θ
+    logp, valid = torch.zeros(B, n_sampled, dtype=dtype), torch.zeros(B, n_sampled, dtype=torch.bool)
+    uncertainty = torch.full((B, n_steps), float("nan"), dtype=dtype)
     with torch.inference_mode():  # no autograd bookkeeping: faster than no_grad for these small steps
         # The cache at each episode's current step, rebuilt from its burn-in steps (exact: see the model).
         # It keeps the rows of the episodes still running, `rows`, and drops those that end.
@@ -574,13 +575,13 @@ def rollout(model: DecisionTransformer, envs: list, ep: Episodes, n_steps: int, 
             if len(rows) == 0:
                 break
             dist, cache = model(ep.segment(rows, ep.t[rows], 1), cache)  # one step: 3 new tokens
-            dist = TanhNormal(dist.mean[:, 0].float().cpu(), dist.log_std[:, 0].float().cpu())  # (B', A), float32 beside the simulator
+            dist = TanhNormal(dist.mean[:, 0].cpu(), dist.log_std[:, 0].cpu())  # (B', A), beside the simulator
             uncertainty[rows, j] = dist.log_std.mean(-1)
-            if j < n_sampled:
-                a = dist.sample(gen)
+            if j < n_sampled:  # a is stored in float32, so log π_old is that of the stored a, in the model's dtype
+                a = dist.sample(gen).float()
                 logp[rows, j], valid[rows, j] = dist.log_prob(a), True
             else:
-                a = torch.tanh(dist.mean)  # the mode: mean actions for evaluation and the L_eval scoring steps
+                a = torch.tanh(dist.mean).float()  # the mode: mean actions for evaluation and the L_eval scoring steps
             if snapshots is not None:
                 snapshots.append(get_snapshot(envs[0]))
             steps = [envs[b].unwrapped.step(a_b) for b, a_b in zip(rows.tolist(), ep.data.env_action(a))]

@@ -57,6 +57,43 @@ def setup(minari_dir):
     return args, envs, data, model
 
 
+def within(delta, tol, what: str) -> None:
+    """|Δ| <= tol, elementwise (tol a number or a tensor of Δ's shape), printed either way:
+    `pytest -s -k "<tests>" | grep '|Δ|'` lists each exactness test's worst |Δ| and its margin."""
+    delta = torch.as_tensor(delta).abs().double()
+    tol = torch.as_tensor(tol).double().expand_as(delta)
+    margin = torch.where(delta > 0, tol / delta, math.inf)
+    i = margin.argmin()
+    print(f"\n|Δ| {what}: worst {delta.max().item():.3g}; tightest: {delta.flatten()[i].item():.3g} against "
+          f"{tol.flatten()[i].item():.3g}, margin {margin.min().item():.3g}x")
+    assert (delta <= tol).all(), f"{what}: |Δ| {delta.flatten()[i].item():.3g} > tolerance {tol.flatten()[i].item():.3g}"
+
+
+# A tolerance is a claim about rounding, and holds on every CPU (ALGORITHM.md §2.6): two paths that
+# compute the same function sum in another order (another kernel, another shape), so their results
+# differ in the last bits. A float sum of n terms of like size is off by at most ~n ulps of its size, and
+# the widest sum in the model is the MLP's, of 4E terms: the policy's outputs differ by <= 4E ulps.
+def ulps(model, dtype) -> float:
+    """4E units in the last place of `dtype` at 1: the rounding of one pass of the model."""
+    return 4 * model.embed_state.out_features * torch.finfo(dtype).eps
+
+
+def log_ratio_tolerance(model, batch, mode: str) -> torch.Tensor:
+    """The rounding bound of log ρ before any update, from that of the outputs μ, log σ: to first order,
+    log π(a) moves by Σ_A |z|/σ δμ + |z² - 1| δlog σ, with z = (atanh a - μ)/σ and δ = ulps x max(1, |.|);
+    log ρ sums (joint), averages (mean) or keeps (token) that over the sampled steps."""
+    rows, L = torch.arange(len(batch.t0)), batch.valid.shape[1]
+    with torch.no_grad():  # the policy at the sampled steps, as batch_log_probs computes it
+        dist, _ = model(batch.ep.segment(rows, batch.t0, L),
+                        model.context(batch.ep.segment(rows, batch.t0 - model.burn_in, model.burn_in)))
+    a = batch.ep.segment(rows, batch.t0, L).actions.to(dist.mean.dtype).clamp(-D.ACTION_CLAMP, D.ACTION_CLAMP)
+    sigma = dist.log_std.exp()
+    z = (torch.atanh(a) - dist.mean) / sigma
+    delta = ulps(model, dist.mean.dtype)
+    per_action = delta * (z.abs() / sigma * dist.mean.abs().clamp(min=1) + (z**2 - 1).abs() * dist.log_std.abs().clamp(min=1))
+    return D.log_ratios(per_action.sum(-1), torch.zeros(()), batch.valid.double(), mode)
+
+
 def cli(*flags, env=None, cwd=None):
     e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     return subprocess.run([sys.executable, str(HERE / "dt_grpo.py"), *flags], capture_output=True, text=True,
@@ -196,7 +233,7 @@ def test_tanh_normal_log_prob_matches_torch_distributions():
     a = dist.sample().clamp(-0.99, 0.99)  # float32 atanh loses precision next to ±1
     ref = torch.distributions.TransformedDistribution(
         torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()])
-    torch.testing.assert_close(dist.log_prob(a), ref.log_prob(a).sum(-1), atol=1e-4, rtol=1e-5)
+    within(dist.log_prob(a) - ref.log_prob(a).sum(-1), 1e-4, 'log_prob vs torch')
 
 
 def test_tanh_normal_density_integrates_to_one():
@@ -238,8 +275,8 @@ def test_causality(p):
         changed.rtg[:, p + 1:], changed.states[:, p + 1:], changed.prev_actions[:, p + 1:])
     with torch.no_grad():
         d0, d1 = model(seg)[0], model(after)[0]
-    torch.testing.assert_close(d0.mean[:, : p + 1], d1.mean[:, : p + 1], rtol=0, atol=1e-6)
-    torch.testing.assert_close(d0.log_std[:, : p + 1], d1.log_std[:, : p + 1], rtol=0, atol=1e-6)
+    for name in ("mean", "log_std"):  # bit-identical: the same kernels on the same shapes, the changed keys masked
+        within(getattr(d0, name)[:, : p + 1] - getattr(d1, name)[:, : p + 1], 0.0, f"causality, {name}")
     assert not torch.allclose(d0.mean[:, p + 1:], d1.mean[:, p + 1:])
     after.states[:, p] += 1.0
     with torch.no_grad():
@@ -271,7 +308,7 @@ def test_padding_is_invisible():
     other.states[:, :2], other.rtg[:, :2], other.prev_actions[:, :3] = 5.0, 5.0, 0.5  # a_{-1} is padding too
     assert seg.valid.tolist()[0] == [False, False, True, True, True, True]
     with torch.no_grad():
-        torch.testing.assert_close(model(seg)[0].mean[:, 2:], model(other)[0].mean[:, 2:], rtol=0, atol=1e-6)
+        within(model(seg)[0].mean[:, 2:] - model(other)[0].mean[:, 2:], 0.0, "padding")  # bit-identical, as causality
 
 
 @pytest.mark.parametrize("first", [0, 40])
@@ -287,14 +324,16 @@ def test_cached_steps_equal_one_pass(first):
         ref = model(full)[0]
         _, cache = model(random_segment(n=model.burn_in, first=first - model.burn_in))
         after_cache = model(random_segment(n=n, first=first), cache)[0]
-        assert (after_cache.mean - ref.mean[:, model.burn_in:]).abs().max() < 1e-5
+        tol = ulps(model, torch.float32) * ref.mean[:, model.burn_in:].abs().clamp(min=1)
+        within(after_cache.mean - ref.mean[:, model.burn_in:], tol, "one pass behind the cache, mean")
         means, log_stds = [], []
         for t in range(first, first + n):
             dist, cache = model(random_segment(n=1, first=t), cache)
             means.append(dist.mean[:, 0])
             log_stds.append(dist.log_std[:, 0])
-    assert (torch.stack(means, 1) - ref.mean[:, model.burn_in:]).abs().max() < 1e-5
-    assert (torch.stack(log_stds, 1) - ref.log_std[:, model.burn_in:]).abs().max() < 1e-5
+    for name, steps in (("mean", means), ("log_std", log_stds)):
+        want = getattr(ref, name)[:, model.burn_in:]
+        within(torch.stack(steps, 1) - want, ulps(model, torch.float32) * want.abs().clamp(min=1), f"cached steps, {name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,17 +415,19 @@ def group_batch64(setup):
 @pytest.mark.parametrize("mode", ["joint", "mean", "token"])
 def test_ratio_is_one_before_any_update(group_batch64, group_batch, setup, mode):
     """log π_old, recorded step by step from the cache while acting, equals the update's one-pass
-    log π_θ before any update: to 1e-5 in float64, where only the inputs matter (the same tokens,
-    steps and burn-in), and per action to float32 rounding at the default precision, where the
-    cached step and the one-pass segment round differently (~1e-5 at the defaults)."""
+    log π_θ before any update, up to rounding: in float64, where only the inputs matter (the same
+    tokens, steps and burn-in; a float32 step anywhere would cost ~1e7 float64 ulps), and per action
+    at the default float32, where the cached step and the one-pass segment round differently."""
     model64, batch64 = group_batch64
     with torch.no_grad():
         logp, _ = D.batch_log_probs(model64, batch64, torch.arange(len(batch64.adv)))
-    assert D.log_ratios(logp, batch64.logp_old, batch64.valid.float(), mode).abs().max() < 1e-5
+    within(D.log_ratios(logp, batch64.logp_old, batch64.valid.float(), mode), log_ratio_tolerance(model64, batch64, mode),
+           f"ratio before any update, float64, {mode}")
     batch, _ = group_batch
     with torch.no_grad():
         logp, _ = D.batch_log_probs(setup[3], batch, torch.arange(len(batch.adv)))
-    assert ((logp - batch.logp_old) * batch.valid).abs().max() < 1e-4
+    within((logp - batch.logp_old) * batch.valid, log_ratio_tolerance(setup[3], batch, "token"),
+           "ratio before any update, float32, per action")
 
 
 @pytest.fixture(scope="session")
@@ -418,7 +459,8 @@ def test_ratio_is_one_deep_in_an_episode_and_at_the_time_limit(cheetah, mode):
     batch = D.GroupBatch(ep, t0, out["logp"], out["valid"], torch.zeros(1, 4), torch.ones(4))
     with torch.no_grad():
         logp, _ = D.batch_log_probs(model, batch, torch.arange(4))
-    assert D.log_ratios(logp, batch.logp_old, batch.valid.float(), mode).abs().max() < 1e-5
+    within(D.log_ratios(logp, batch.logp_old, batch.valid.float(), mode), log_ratio_tolerance(model, batch, mode),
+           f"ratio deep in an episode, float64, {mode}")
 
 
 def test_hindsight_relabel_changes_rtg_only_and_breaks_ratios(group_batch, setup):
@@ -469,13 +511,18 @@ def test_rollout_score_covers_exactly_its_steps(group_batch, setup):
         terminated = [s[2] for s in steps]
         assert not any(terminated[:-1])  # no step after a termination
         assert end - t0 == min(args.traj_len + args.eval_len, T - t0) or terminated[-1]
-        assert batch.scores.view(-1)[b].item() == pytest.approx(sum(s[1] for s in steps[t0:]), rel=1e-5, abs=1e-4)
+        rewards = torch.tensor([s[1] for s in steps[t0:]], dtype=torch.float64)
+        # float32 rewards summed in float32: n roundings of at most an ulp of the running sum's size
+        within(batch.scores.view(-1)[b] - rewards.sum(), len(rewards) * torch.finfo(torch.float32).eps * rewards.abs().sum(),
+               "score, float32 sum of float64 rewards")
 
 
-def test_actions_after_the_sampled_ones_are_the_mean_action(group_batch, setup):
-    """The L_eval scoring steps take the policy's mean action tanh(μ); the L before them are samples."""
-    args, _, _, model = setup
-    batch, _ = group_batch
+def test_actions_after_the_sampled_ones_are_the_mean_action(group_batch64, setup):
+    """The L_eval scoring steps take the policy's mean action tanh(μ); the L before them are samples.
+    In float64 the two paths to tanh(μ) agree to ~1e-15, so the stored (float32) action is tanh(μ)
+    rounded to float32, or at most one float32 ulp from it where that rounding is a tie."""
+    args = setup[0]
+    model, batch = group_batch64
     rows = torch.arange(len(batch.adv))
     for j, sampled in ((0, True), (args.traj_len - 1, True), (args.traj_len, False), (args.traj_len + 3, False)):
         t = batch.t0 + j
@@ -488,7 +535,7 @@ def test_actions_after_the_sampled_ones_are_the_mean_action(group_batch, setup):
         if sampled:
             assert batch.valid[live, j].all() and (taken - mode).abs().max() > 1e-3
         else:
-            torch.testing.assert_close(taken, mode, atol=1e-6, rtol=0)
+            within(taken - mode.float(), torch.finfo(torch.float32).eps, "the stored mean action, float32")
 
 
 @pytest.mark.parametrize("mode", ["joint", "mean", "token"])
@@ -642,9 +689,11 @@ def test_bad_input_is_one_clear_line(minari_dir, tmp_path, flags, message):
 # ---------------------------------------------------------------------------------------------
 def test_full_episode_groups(setup):
     """--full-episodes: G whole episodes from the same start state, every action sampled, scored
-    by the episode return; the ratio is still 1 before any update."""
-    args, envs, data, model = setup
+    by the episode return; the ratio is still 1 before any update (in float64: see above)."""
+    args, envs, data, _ = setup
     args = dataclasses.replace(args, full_episodes=True)
+    model = D.make_model(args, 11, 3, 1000).double().eval()
+    model.load_state_dict(setup[3].state_dict())
     N, G = args.reset_points, args.group_size
     batch, stats = D.collect_groups(args, model, envs, data, 3600.0, torch.Generator().manual_seed(0),
                                     np.random.default_rng(0))
@@ -656,7 +705,8 @@ def test_full_episode_groups(setup):
     assert stats["env_steps"] == int(batch.ep.t.sum())
     with torch.no_grad():
         logp, _ = D.batch_log_probs(model, batch, torch.arange(N * G))
-    assert D.log_ratios(logp, batch.logp_old, batch.valid.float(), "joint").abs().max() < 1e-4
+    within(D.log_ratios(logp, batch.logp_old, batch.valid.float(), "joint"), log_ratio_tolerance(model, batch, "joint"),
+           "ratio of whole episodes, float64, joint")
 
 
 def test_odt_buffer_seeding_relabeling_and_fifo(setup):
@@ -689,8 +739,10 @@ def test_odt_buffer_seeding_relabeling_and_fifo(setup):
         steps = [env.unwrapped.step(a) for a in tr["actions"].numpy()]
         obs += [s[0] for s in steps[:-1]]
         torch.testing.assert_close(tr["states"], data.normalise(np.stack(obs)))
-        achieved = D.returns_to_go(torch.tensor([s[1] for s in steps])) * args.reward_scale
-        torch.testing.assert_close(tr["rtg"], achieved.float(), atol=1e-5, rtol=1e-5)
+        rewards = torch.tensor([s[1] for s in steps], dtype=torch.float64)
+        achieved = D.returns_to_go(rewards) * args.reward_scale
+        tol = len(steps) * torch.finfo(torch.float32).eps * rewards.abs().sum() * args.reward_scale  # as for the score
+        within(tr["rtg"] - achieved, tol, "relabelled returns-to-go, float32")
         assert steps[-1][2] or len(steps) == 1000  # it ended by termination or the time limit
         assert abs(float(tr["rtg"][0]) - 3.6) > 0.1
 
