@@ -1,7 +1,8 @@
 """dt_grpo.py: online finetuning of a Decision Transformer with pure RL gradients (GRPO).
 
 One file in the order of the algorithm: Args -> data -> model -> pretraining -> rollouts and resets
--> GRPO -> ODT baseline -> evaluation -> the training loop -> plumbing (checks, datasets, checkpoints). Sources:
+-> GRPO -> QGRPO -> ODT baseline -> evaluation -> the training loop -> plumbing (checks, datasets,
+checkpoints). Sources:
   * Luo & Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", arXiv 2601.00167
     (2026): the method. Without its code or full text, comments say [paper] for what its abstract,
     public reviews and reading notes confirm, and [ours] for this project's choices;
@@ -9,11 +10,15 @@ One file in the order of the algorithm: Args -> data -> model -> pretraining -> 
   * Zheng et al., "Online Decision Transformer", arXiv 2202.05607 (2022): the stochastic policy,
     the pretraining objective, and the baseline `--algo odt`;
   * Shao et al., "DeepSeekMath", arXiv 2402.03300 (2024): GRPO's group-relative advantages;
-  * Zheng et al., "Group Sequence Policy Optimization", arXiv 2507.18071 (2025): `--ratio mean`.
+  * Zheng et al., "Group Sequence Policy Optimization", arXiv 2507.18071 (2025): `--ratio mean`;
+  * Fujimoto et al., "Addressing Function Approximation Error in Actor-Critic Methods" (TD3), arXiv
+    1802.09477 (2018), and Yan et al., "RL Gradients as Vitamin for Online Finetuning Decision
+    Transformers", arXiv 2410.24108 (2024): the critic of `--algo qgrpo`.
 
 Run:
     python dt_grpo.py --env Hopper-v4                   # pretrain, finetune with GRPO, evaluate
     python dt_grpo.py --env Hopper-v4 --online-steps 0  # pretrain and evaluate only
+    python dt_grpo.py --env Hopper-v4 --algo qgrpo      # no resets: the group scored by a TD3 critic
     python dt_grpo.py --resume runs/<run>               # continue an interrupted run
     python dt_grpo.py --help                            # every flag
 
@@ -98,14 +103,15 @@ class Args:
     reward_scale: float = 1e-3
     """Scale of the return-to-go tokens [ODT, MuJoCo]."""
     # --- GRPO --------------------------------------------------------------------------------
-    algo: Literal["grpo", "odt"] = "grpo"
-    """`grpo`: pure RL gradients [paper]; `odt`: the Online Decision Transformer baseline."""
+    algo: Literal["grpo", "qgrpo", "odt"] = "grpo"
+    """`grpo`: pure RL gradients from resets [paper]; `qgrpo`: groups scored by a critic, no resets [paper; design
+    ours]; `odt`: the Online Decision Transformer baseline."""
     online_steps: int = 1_000_000
     """Finetuning budget in env steps, all counted; the last iteration is finished [ours]: docs/study.md#budget"""
     group_size: int = 16
     """G: rollouts per reset point, whose mean score is the baseline [paper; 16 ours]: docs/study.md#group-size"""
     reset_points: Optional[int] = None
-    """N: reset points (groups) per iteration (default: the env's `grpo` in ENV_TABLE) [ours]."""
+    """N: reset points (groups) per iteration (default: the env's `grpo` in ENV_TABLE; qgrpo: 64) [ours]."""
     traj_len: Optional[int] = None
     """L: sampled actions per rollout, the ones optimised [paper] (default: the env's `grpo`) [ours]."""
     eval_len: Optional[int] = None
@@ -116,8 +122,8 @@ class Args:
     """Entropy bonus coefficient [paper: a bonus; ours: the value]."""
     epochs: int = 8
     """Passes over each iteration's rollouts [ours]: docs/study.md#epochs"""
-    minibatch_size: int = 16
-    """Rollouts per GRPO minibatch [ours]."""
+    minibatch_size: Optional[int] = None
+    """Rollouts per GRPO minibatch (default: 16; qgrpo: 256, each a single action) [ours]."""
     online_lr: float = 3e-4
     """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]: docs/study.md#epochs"""
     ratio: Literal["joint", "mean", "token"] = "mean"
@@ -133,6 +139,11 @@ class Args:
     """Train on achieved returns-to-go instead of those fed, which breaks the ratios [paper]."""
     full_episodes: bool = False
     """Groups of G whole sampled episodes from one start state instead of sub-trajectories [paper, as we read it]."""
+    # --- QGRPO (--algo qgrpo) ------------------------------------------------------------------
+    q_steps: int = 2000
+    """Env steps per QGRPO iteration, of whole sampled episodes played 16 at a time [ours]."""
+    critic_ratio: float = 1.0
+    """TD3 critic updates (of 256 transitions) per new transition [TD3]: docs/study.md#qgrpo"""
     # --- ODT baseline (--algo odt) --------------------------------------------------------------
     odt_episodes: int = 8
     """Exploration episodes per ODT iteration, run together [ours; ODT: 1]."""
@@ -150,9 +161,11 @@ class Args:
 
 # Per-environment constants. `dataset`: the default Minari id (recorded on the v5 envs); `target`:
 # evaluation return-to-go [ours, ODT-like]; `ref_min`/`ref_max`: D4RL's random/expert returns;
-# `grpo`: the sub-trajectories [ours: docs/study.md#per-env]. Where a fall ends the episode, the score must
+# `grpo`: the sub-trajectories and minibatch [ours: docs/study.md#per-env]. Where a fall ends the episode, the score must
 # look far enough ahead to see it; HalfCheetah cannot fall, and its credit assignment wants many short ones.
-FALLS, RUNS = dict(reset_points=4, traj_len=100, eval_len=200), dict(reset_points=32, traj_len=5, eval_len=50)
+FALLS = dict(reset_points=4, traj_len=100, eval_len=200, minibatch_size=16)
+RUNS = dict(reset_points=32, traj_len=5, eval_len=50, minibatch_size=16)
+QGRPO = dict(reset_points=64, traj_len=1, eval_len=0, minibatch_size=256)  # every env: no rollouts to size [ours]
 ENV_TABLE = {
     "Hopper": dict(dataset="mujoco/hopper/medium-v0", target=3600.0, ref_min=-20.272305, ref_max=3234.3, grpo=FALLS),
     "Walker2d": dict(dataset="mujoco/walker2d/medium-v0", target=5000.0, ref_min=1.629008, ref_max=4592.3, grpo=FALLS),
@@ -160,7 +173,7 @@ ENV_TABLE = {
     "Ant": dict(dataset="mujoco/ant/medium-v0", target=5000.0, ref_min=-325.6, ref_max=3879.7, grpo=FALLS),
     # the learning ladder's small task (docs/study.md): [ours] random = 50 uniform-random episodes here, max = 1000
     "InvertedPendulum": dict(dataset="mujoco/invertedpendulum/medium-v0", target=1000.0, ref_min=6.8, ref_max=1000.0,
-                             grpo=dict(reset_points=8, traj_len=10, eval_len=40)),
+                             grpo=dict(reset_points=8, traj_len=10, eval_len=40, minibatch_size=16)),
 }
 
 
@@ -804,6 +817,101 @@ def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimiz
 
 
 # =============================================================================================
+# QGRPO (--algo qgrpo): GRPO without resets, the group scored by a TD3 critic
+# =============================================================================================
+# Where the simulator cannot be restored, the paper scores a group with a TD3-style critic instead of
+# rollouts [paper]. Its formulation is not public: this one is ours. It comes after GRPO because it
+# changes one step of it, (c); letters as there:
+#   (a) play sampled episodes from env.reset (no snapshot anywhere); their transitions fill a
+#       replay buffer, each with the DT's mean action at s' under the context it had;
+#   (b) train twin Q critics on the buffer: clipped double Q, Polyak targets, target-policy smoothing
+#       [TD3; sizes as Vitamin's critic for ODT, Yan et al. 2024];
+#   (c) choose N of those episodes' states by the policy's uncertainty (active sampling); at each, G
+#       actions from π_old under the same context, each scored by min(Q1, Q2)(s, a), with no env step;
+#   (d)-(f) unchanged: group advantages, the clipped surrogate (L = 1: every ratio is per action), no relabeling.
+GAMMA, TAU, POLICY_NOISE, NOISE_CLIP, CRITIC_LR, CRITIC_BATCH = 0.99, 0.005, 0.2, 0.5, 1e-3, 256  # [TD3; Vitamin]
+REPLAY, Q_EPISODES = 200_000, 16  # transitions kept, oldest dropped first; episodes played together [ours]
+
+
+class Critic(nn.Module):
+    """TD3's twin Q(s, a), 2 x 256 ReLU MLPs on normalised states and policy actions in [-1, 1], and their
+    Polyak-averaged targets."""
+
+    def __init__(self, S: int, A: int):
+        super().__init__()
+        mlp = lambda: nn.Sequential(nn.Linear(S + A, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+        self.online, self.target = nn.ModuleList([mlp(), mlp()]), nn.ModuleList([mlp(), mlp()])
+        self.target.load_state_dict(self.online.state_dict())
+        self.target.requires_grad_(False)
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """Both Q estimates: (B, S), (B, A) -> (2, B)."""
+        sa = torch.cat([s, a], -1)
+        return torch.stack([q(sa)[:, 0] for q in (self.target if target else self.online)])
+
+
+def transitions(model: DecisionTransformer, ep: Episodes) -> dict:
+    """(a) The transitions of finished episodes, flat: s, a, r, s', done (terminated, not truncated) and a',
+    the DT's mean action at s', from one pass over each episode. The step before the time limit T is
+    left out: its s' is at step T, which the DT has no timestep embedding for."""
+    B, T = ep.t.shape[0], ep.states.shape[1] - 1
+    rows, n = torch.arange(B), min(int(ep.t.max()) + 1, T)  # the steps played, and the state after the last
+    with torch.no_grad():
+        next_action = torch.tanh(model(ep.segment(rows, torch.zeros_like(rows), n))[0].mean).float().cpu()  # (B, n, A)
+    next_action = F.pad(next_action, (0, 0, 0, T - n))  # (B, T, A), zeros after the last step
+    steps = torch.arange(T - 1)[None, :]  # (1, T-1)
+    keep = steps < ep.t[:, None]  # (B, T-1)
+    terminated = (steps == ep.t[:, None] - 1) & (ep.t[:, None] < T)
+    return dict(s=ep.states[:, :-2][keep], a=ep.actions[:, :-2][keep], r=ep.rewards[:, :-2][keep],
+                s2=ep.states[:, 1:-1][keep], a2=next_action[:, 1:][keep], done=terminated[keep].float())
+
+
+def critic_update(critic: Critic, opt: torch.optim.Optimizer, replay: dict, gen: torch.Generator) -> float:
+    """(b) One TD3 critic step on CRITIC_BATCH transitions: y = r + γ (1 - done) min Q_target(s', a' + clipped
+    noise), both critics regressed on y, then the targets moved by TAU. Returns the loss."""
+    i = torch.randint(len(replay["r"]), (CRITIC_BATCH,), generator=gen)
+    s, a, r, s2, a2, done = (replay[k][i] for k in ("s", "a", "r", "s2", "a2", "done"))
+    with torch.no_grad():
+        noise = (torch.randn(a2.shape, generator=gen) * POLICY_NOISE).clamp(-NOISE_CLIP, NOISE_CLIP)
+        y = r + GAMMA * (1 - done) * critic(s2, (a2 + noise).clamp(-1, 1), target=True).min(0).values
+    loss = ((critic(s, a) - y) ** 2).sum(0).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for p, p_target in zip(critic.online.parameters(), critic.target.parameters()):
+            p_target.lerp_(p, TAU)
+    return loss.item()
+
+
+def collect_scored_groups(args: Args, model: DecisionTransformer, critic: Critic, critic_opt: torch.optim.Optimizer,
+                          replay: dict, envs: list, data: Dataset, target: float, gen: torch.Generator,
+                          rng: np.random.Generator) -> tuple[GroupBatch, dict]:
+    """Steps (a)-(d) of one QGRPO iteration; `replay` grows in place. Returns the batch and statistics."""
+    N, G, env_steps = args.reset_points, args.group_size, 0
+    while env_steps < args.q_steps:  # (a) rounds of one episode per env (Q_EPISODES in a run)
+        ep, played = play_episodes(model, envs, [int(s) for s in rng.integers(2**31, size=len(envs))], target, data, gen)
+        env_steps += played["env_steps"]
+        for k, v in transitions(model, ep).items():
+            replay[k] = torch.cat([replay.get(k, v[:0]), v])[-REPLAY:]
+    losses = [critic_update(critic, critic_opt, replay, gen) for _ in range(math.ceil(args.critic_ratio * env_steps))]  # (b)
+    # (c) N states of the last round's episodes (their steps laid end to end), G copies of each with its DT stream
+    b, t = (~torch.isnan(played["uncertainty"])).nonzero().unbind(1)  # every step played, episode by episode
+    pick, _ = choose_reset_points(played["uncertainty"][b, t], N, args.reset_rule, args.reset_temperature, gen)
+    b, t0 = b[pick].repeat_interleave(G), t[pick].repeat_interleave(G)  # (N*G,)
+    groups, rows = ep.branch(b, t0), torch.arange(N * G)
+    with torch.no_grad():  # π_old at t0, exactly as the update will compute it (see the model)
+        dist, _ = model(groups.segment(rows, t0, 1), model.context(groups.segment(rows, t0 - model.burn_in, model.burn_in)))
+        a = dist.sample(gen).float()  # (N*G, 1, A)
+        groups.actions[rows, t0] = a[:, 0]
+        scores = critic(groups.states[rows, t0], a[:, 0]).min(0).values.view(N, G)
+    stats = dict(traj_return=ep.rewards.sum(1).mean().item(), critic_loss=float(np.mean(losses)),
+                 q_mean=scores.mean().item(), replay=len(replay["r"]))
+    return finish_groups(args, groups, t0, dict(logp=dist.log_prob(a).cpu(), valid=torch.ones(N * G, 1, dtype=torch.bool)),
+                         scores, env_steps, stats)
+
+
+# =============================================================================================
 # ODT baseline (--algo odt): hindsight relabeling and supervised updates, for comparison
 # =============================================================================================
 # Online Decision Transformer (Zheng et al. 2022), as the paper's main baseline. A replay buffer
@@ -884,28 +992,35 @@ def evaluate(args: Args, model: DecisionTransformer, envs: list, data: Dataset,
 def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, envs: list, data: Dataset,
              metrics: "Metrics", saver: "Checkpointer", target: float, gen: torch.Generator, rng: np.random.Generator,
              resume_from: Optional[dict] = None) -> tuple[float, int]:
-    """GRPO (or ODT) iterations until the env-step budget is spent; evaluates every args.eval_every
+    """GRPO (QGRPO, ODT) iterations until the env-step budget is spent; evaluates every args.eval_every
     env steps. `resume_from`: a checkpoint to continue from. Returns the last normalised score
-    and the env steps used. Both algorithms count every env.step, so they compare at equal env steps."""
+    and the env steps used. All algorithms count every env.step, so they compare at equal env steps."""
     online_target = args.online_target_return if args.online_target_return is not None else target
     opt, temp_opt = optimisers(model, log_temp, args.online_lr, args.weight_decay, resume_from)  # ODT's temperature learns on
     buffer = best_trajectories(data, args.odt_buffer) if args.algo == "odt" else []
+    critic = Critic(data.states.shape[1], data.actions.shape[1]) if args.algo == "qgrpo" else None  # on the CPU
+    critic_opt, replay = torch.optim.Adam(critic.online.parameters(), lr=CRITIC_LR) if critic else None, {}
     # the progress bar shows the last known score: the starting policy's until the first evaluation
     env_steps, it, next_eval, score = 0, 0, args.eval_every, saver.info.get("pretrained_score", float("nan"))
     if resume_from is not None and "opt" in resume_from:
         buffer, env_steps, it = resume_from["buffer"], resume_from["env_steps"], resume_from["step"]
         next_eval, score = resume_from["next_eval"], resume_from["score"]
+        if critic is not None:
+            critic.load_state_dict(resume_from["critic"])
+            critic_opt.load_state_dict(resume_from["critic_opt"])
+            replay = resume_from["replay"]
     bar = tqdm(total=args.online_steps, initial=min(env_steps, args.online_steps), desc=args.algo.upper(), unit="step")
     while env_steps < args.online_steps:
         tic, where = time.time(), f"{args.algo.upper()} iteration {it + 1}"
-        if args.algo == "grpo":
-            batch, stats = collect_groups(args, model, envs, data, online_target, gen, rng)
-            collected = time.time()
-            stats.update(grpo_update(args, model, opt, batch, gen, where))
-        else:
+        if args.algo == "odt":
             stats = odt_explore(args, model, envs, data, buffer, online_target, gen, rng)
             collected = time.time()
             stats.update(odt_train(args, model, opt, log_temp, temp_opt, buffer, data, gen, where))
+        else:
+            batch, stats = (collect_groups(args, model, envs, data, online_target, gen, rng) if critic is None else
+                            collect_scored_groups(args, model, critic, critic_opt, replay, envs, data, online_target, gen, rng))
+            collected = time.time()
+            stats.update(grpo_update(args, model, opt, batch, gen, where))
         stats.update(rollout_s=collected - tic, update_s=time.time() - collected)
         env_steps, it = env_steps + stats.pop("env_steps"), it + 1
         metrics.write(phase=args.algo, step=it, env_steps=env_steps, **stats)
@@ -920,7 +1035,8 @@ def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, env
         bar.update(min(env_steps, args.online_steps) - bar.n)
         bar.set_postfix(score=f"{score:.1f}", ret=f"{stats['traj_return']:.0f}")
         saver.maybe_save("online", force=evaluated, step=it, env_steps=env_steps, next_eval=next_eval, score=score,
-                         opt=opt.state_dict(), temp_opt=temp_opt.state_dict(), buffer=buffer)
+                         opt=opt.state_dict(), temp_opt=temp_opt.state_dict(), buffer=buffer,
+                         **(dict(critic=critic.state_dict(), critic_opt=critic_opt.state_dict(), replay=replay) if critic else {}))
     bar.close()
     return score, env_steps
 
@@ -958,7 +1074,8 @@ def check_args(args: Args) -> None:
         (("pretrain_steps", "online_steps", "warmup_steps", "checkpoint_interval", "eval_len"), lambda v: v >= 0, ">= 0"),
         (("random_dataset_steps", "batch_size", "context_len", "embed_dim", "n_layer", "n_head", "epochs", "minibatch_size",
           "eval_episodes", "eval_every", "odt_episodes", "odt_updates", "odt_buffer", "lr", "online_lr", "reward_scale",
-          "init_temperature", "reset_temperature", "grad_clip", "reset_points", "traj_len"), lambda v: v > 0, "> 0"),
+          "init_temperature", "reset_temperature", "grad_clip", "reset_points", "traj_len", "q_steps", "critic_ratio"),
+         lambda v: v > 0, "> 0"),
         (("group_size",), lambda v: v >= 2, ">= 2 (a group of one is its own baseline: every advantage would be 0)"),
         (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),
         (("clip_eps",), lambda v: 0 < v < 1, "in (0, 1)"),
@@ -971,6 +1088,9 @@ def check_args(args: Args) -> None:
                 raise UserError(f"--{name.replace('_', '-')} must be {what}, got {v}")
     if args.embed_dim % args.n_head:
         raise UserError(f"--n-head {args.n_head} must divide --embed-dim {args.embed_dim}")
+    if args.algo == "qgrpo" and (args.full_episodes or args.traj_len is not None or args.eval_len is not None):
+        raise UserError("--algo qgrpo scores single actions with its critic: --full-episodes, --traj-len and "
+                        "--eval-len are GRPO's rollouts from resets")
     if args.resume is not None and args.init_checkpoint is not None:
         raise UserError("--resume continues a run; --init-checkpoint starts a new one: give only one")
     prefix = f"local/{env_family(args.env).lower()}-"
@@ -1137,7 +1257,7 @@ def plot_curves(metrics: Metrics, env_id: str) -> None:
     the online updates (clip fraction, |log ρ|, entropy estimate)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe inside a notebook
 
-    online = next((r["phase"] for r in metrics.rows if r["phase"] in ("grpo", "odt")), "grpo")
+    online = next((r["phase"] for r in metrics.rows if r["phase"] in ("grpo", "qgrpo", "odt")), "grpo")
     fig = Figure(figsize=(8, 6), layout="constrained")
     score, diagnostics = fig.subplots(2, 1, sharex=True)
     score.plot(*metrics.column("eval", "norm_score"), "o-")
@@ -1224,7 +1344,7 @@ def run(args: Args) -> dict:
     torch.manual_seed(args.seed)
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     env = make_env(args.env)
-    grpo = ENV_TABLE[env_family(args.env)]["grpo"]  # the env's sub-trajectories where no flag set them
+    grpo = ENV_TABLE[env_family(args.env)]["grpo"] if args.algo != "qgrpo" else QGRPO  # where no flag set them
     args = dataclasses.replace(args, **{k: v for k, v in grpo.items() if getattr(args, k) is None})
     target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
     data, dataset_id = load_data(args, env)
@@ -1245,7 +1365,8 @@ def run(args: Args) -> dict:
     if start_from is not None:
         model.load_state_dict(start_from["model"])
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    envs = [make_env(args.env) for _ in range(max(args.eval_episodes, args.reset_points * args.group_size, args.odt_episodes))]
+    players = dict(grpo=args.reset_points * args.group_size, qgrpo=Q_EPISODES, odt=args.odt_episodes)[args.algo]
+    envs = [make_env(args.env) for _ in range(max(args.eval_episodes, players))]
     saver = Checkpointer(run_dir, args, dataset_id, model, data, log_temp, metrics, gen, rng)
     if resume is not None:
         torch.set_rng_state(resume["rng"]["torch"])
@@ -1277,8 +1398,11 @@ def run(args: Args) -> dict:
         signal.signal(signal.SIGINT, previous_handler)
     plot_curves(metrics, args.env)
     wall, online = metrics.elapsed(), [r for r in metrics.rows if r["phase"] == args.algo]
+    scores = metrics.column("eval", "norm_score")[1]
     summary = dict(env=args.env, dataset=dataset_id, algo=args.algo, seed=args.seed,
                    pretrained_score=saver.info["pretrained_score"], final_score=final_score, online_env_steps=env_steps,
+                   # gait-keeping: evaluations more than 10 below the one before, and how far the last is below the best
+                   eval_drops=sum(b < a - 10 for a, b in zip(scores, scores[1:])), gap_to_best=max(scores) - scores[-1],
                    pretrain_time_s=saver.info["pretrain_time_s"], online_time_s=wall - saver.info["pretrain_time_s"],
                    wall_time_s=wall, data_time_s=data_time_s,
                    # to compare machines and versions: the speed of rollouts and updates, and the peak memory

@@ -8,6 +8,7 @@ dataset is built locally under a temporary MINARI_DATASETS_PATH.
 """
 
 import ast
+import csv
 import dataclasses
 import inspect
 import json
@@ -202,20 +203,20 @@ def test_ladder_0_bandit(sign):
     assert distance < 0.05 if sign > 0 else distance > 1.0, distance  # it starts at 0.58
 
 
+# Rung 1's task: a tiny DT pretrained on 10k uniform-random steps of InvertedPendulum-v4, 30k env steps online
+LADDER = dict(env="InvertedPendulum-v4", dataset="local/invertedpendulum-random-v0", random_dataset_steps=10_000,
+              context_len=5, embed_dim=32, n_layer=2, n_head=2, pretrain_steps=200, batch_size=32, online_steps=30_000,
+              eval_every=10_000, eval_episodes=4, checkpoint_interval=1e9)
+
+
 @pytest.mark.parametrize("sign", [1, -1])
 def test_ladder_1_grpo_learns_inverted_pendulum(minari_dir, tmp_path, monkeypatch, sign):
     """Rung 1 of the learning ladder: the whole method on a small MuJoCo task. From a random
     dataset, a tiny DT learns to balance InvertedPendulum-v4 within 30k env steps (~20 s), and
     with negated advantages it unlearns instead."""
-    import csv
-
     real = D.group_advantages
     monkeypatch.setattr(D, "group_advantages", lambda scores, eps=1e-8: sign * real(scores, eps))
-    args = D.Args(env="InvertedPendulum-v4", dataset="local/invertedpendulum-random-v0", random_dataset_steps=10_000,
-                  context_len=5, embed_dim=32, n_layer=2, n_head=2, pretrain_steps=200, batch_size=32,
-                  online_steps=30_000, eval_every=10_000, traj_len=10, eval_len=40, group_size=8, reset_points=8,
-                  eval_episodes=4, checkpoint_interval=1e9, run_dir=str(tmp_path / "run"))
-    D.run(args)
+    D.run(D.Args(**LADDER, traj_len=10, eval_len=40, group_size=8, reset_points=8, run_dir=str(tmp_path / "run")))
     returns = [float(r["return"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["phase"] == "eval"]
     if sign > 0:
         assert returns[-1] > max(40.0, 3 * returns[0]), returns
@@ -592,6 +593,87 @@ def test_token_ratio_weighs_each_valid_action_once():
 
 
 # ---------------------------------------------------------------------------------------------
+# QGRPO: the critic, and the group scored without resets
+# ---------------------------------------------------------------------------------------------
+def test_critic_fits_a_known_q():
+    """On a bandit (every transition terminal), TD3's target is r itself: the twin critics fit
+    Q(s, a) = r(s, a) = s_0 a_0 - a_1^2, to within a tenth of its spread on unseen pairs."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    r = lambda s, a: s[:, 0] * a[:, 0] - a[:, 1] ** 2
+    s, a = torch.randn(4000, 3, generator=g), torch.rand(4000, 2, generator=g) * 2 - 1
+    replay = dict(s=s, a=a, r=r(s, a), s2=torch.randn(4000, 3, generator=g), a2=torch.zeros(4000, 2), done=torch.ones(4000))
+    critic = D.Critic(3, 2)
+    opt = torch.optim.Adam(critic.online.parameters(), lr=D.CRITIC_LR)
+    for _ in range(600):
+        D.critic_update(critic, opt, replay, g)
+    s, a = torch.randn(500, 3, generator=g), torch.rand(500, 2, generator=g) * 2 - 1
+    with torch.no_grad():
+        error = (critic(s, a).min(0).values - r(s, a)).abs().mean()
+    assert error < 0.1 * r(s, a).std(), (error, r(s, a).std())
+    # the targets follow the critics by Polyak averaging: moved, but not all the way
+    for p, q in zip(critic.online.parameters(), critic.target.parameters()):
+        assert not torch.equal(p, q)
+
+
+def test_qgrpo_groups_score_actions_at_visited_states(setup):
+    """One QGRPO iteration: G actions at each of N states of the played episodes, sampled under the
+    episode's own context, scored by the critic (min of the twins), the ratio 1 before any update; no
+    simulator state is saved or restored."""
+    args, envs, data, model = setup
+    args = dataclasses.replace(args, algo="qgrpo", traj_len=1, eval_len=0, q_steps=1, critic_ratio=0.1)
+    critic, replay = D.Critic(11, 3), {}
+    opt = torch.optim.Adam(critic.online.parameters(), lr=D.CRITIC_LR)
+    batch, stats = D.collect_scored_groups(args, model, critic, opt, replay, envs, data, 3600.0,
+                                           torch.Generator().manual_seed(0), np.random.default_rng(0))
+    N, G = args.reset_points, args.group_size
+    assert len(replay["r"]) == stats["replay"] == stats["env_steps"]  # every step of one round of episodes
+    assert batch.scores.shape == (N, G) and batch.logp_old.shape == (N * G, 1) and batch.valid.all()
+    t0 = batch.t0.view(N, G)
+    assert (t0 == t0[:, :1]).all()
+    a = batch.ep.actions[torch.arange(N * G), batch.t0]  # (N*G, A): the candidates differ within a group
+    assert not (a.view(N, G, -1) == a.view(N, G, -1)[:, :1]).all()
+    with torch.no_grad():
+        q = critic(batch.ep.states[torch.arange(N * G), batch.t0], a).min(0).values
+        logp, _ = D.batch_log_probs(model, batch, torch.arange(N * G))
+    torch.testing.assert_close(batch.scores.view(-1), q)
+    within(logp - batch.logp_old, log_ratio_tolerance(model, batch, "token"), "QGRPO ratio before any update, float32")
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_ladder_1_qgrpo_learns_inverted_pendulum(minari_dir, tmp_path, monkeypatch, sign):
+    """Rung 1 for QGRPO: from the same random dataset, a tiny DT learns to balance InvertedPendulum-v4
+    with a critic instead of resets, and unlearns with negated advantages. The run never saves or
+    restores a simulator state."""
+    def no_snapshots(*_):
+        raise AssertionError("QGRPO touched a simulator snapshot")
+
+    real = D.group_advantages
+    monkeypatch.setattr(D, "group_advantages", lambda scores, eps=1e-8: sign * real(scores, eps))
+    monkeypatch.setattr(D, "get_snapshot", no_snapshots)
+    monkeypatch.setattr(D, "set_snapshot", no_snapshots)
+    # a quarter of the default critic updates keeps it fast (22 -> 127 and -> 3.0 in the study); lr 1e-4 then
+    summary = D.run(D.Args(**LADDER, algo="qgrpo", critic_ratio=0.25, online_lr=1e-4, run_dir=str(tmp_path / "run")))
+    returns = [float(r["return"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["phase"] == "eval"]
+    if sign > 0:
+        assert returns[-1] > max(40.0, 3 * returns[0]), returns
+    else:
+        assert returns[-1] < returns[0], returns
+    assert summary["algo"] == "qgrpo"
+
+
+def test_qgrpo_run_interrupted_resumes_to_the_same_result(minari_dir, tmp_path):
+    """Resume is bit-exact with the critic, its optimiser and the replay buffer in the checkpoint."""
+    grpo_only = ("--traj-len", "--eval-len")  # GRPO's rollouts: refused with --algo qgrpo
+    flags = [f for i, f in enumerate(RUN_FLAGS) if grpo_only.count(f) + grpo_only.count(RUN_FLAGS[i - 1]) == 0]
+    flags += ["--algo", "qgrpo", "--online-steps", "600", "--eval-every", "300", "--q-steps", "200", "--critic-ratio", "0.2"]
+    assert cli(*flags, "--run-dir", str(tmp_path / "ref")).returncode == 0
+    interrupt_then_resume(tmp_path / "run", flags, 2, "qgrpo,2,")
+    ref = outcome(tmp_path / "ref")
+    assert outcome(tmp_path / "run") == ref and {r["phase"] for r in ref[1]} == {"pretrain", "eval", "qgrpo"}
+
+
+# ---------------------------------------------------------------------------------------------
 # Data: local dataset round-trip through Minari
 # ---------------------------------------------------------------------------------------------
 def test_local_dataset_roundtrip(minari_dir):
@@ -671,6 +753,9 @@ def test_help_documents_every_flag():
     (["--clip-eps", "1.5"], "--clip-eps must be in (0, 1)"),
     (["--checkpoint-interval", "-1"], "--checkpoint-interval must be >= 0"),
     (["--odt-updates", "0"], "--odt-updates must be > 0"),
+    (["--critic-ratio", "-1"], "--critic-ratio must be > 0"),
+    (["--algo", "qgrpo", "--traj-len", "5"], "--algo qgrpo scores single actions"),
+    (["--algo", "qgrpo", "--full-episodes"], "--algo qgrpo scores single actions"),
     (["--resume", "/nonexistent/run"], "no such run directory"),
     (["--resume", "."], "holds no checkpoint.pt"),
     (["--init-checkpoint", "/nonexistent/x.pt"], "no checkpoint at"),
