@@ -123,7 +123,7 @@ class Args:
     epochs: int = 8
     """Passes over each iteration's rollouts [ours]: docs/study.md#epochs"""
     minibatch_size: Optional[int] = None
-    """Rollouts per GRPO minibatch, in whole groups (default: the env's `grpo`; qgrpo: 256) [ours]: docs/study.md#whole-groups"""
+    """Rollouts per GRPO minibatch (default: 16; qgrpo: 256, each a single action) [ours]."""
     online_lr: float = 3e-4
     """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]: docs/study.md#epochs"""
     ratio: Literal["joint", "mean", "token"] = "mean"
@@ -164,7 +164,7 @@ class Args:
 # `grpo`: the sub-trajectories and minibatch [ours: docs/study.md#per-env]. Where a fall ends the episode, the score must
 # look far enough ahead to see it; HalfCheetah cannot fall, and its credit assignment wants many short ones.
 FALLS = dict(reset_points=4, traj_len=100, eval_len=200, minibatch_size=16)
-RUNS = dict(reset_points=32, traj_len=5, eval_len=50, minibatch_size=32)
+RUNS = dict(reset_points=32, traj_len=5, eval_len=50, minibatch_size=16)
 QGRPO = dict(reset_points=64, traj_len=1, eval_len=0, minibatch_size=256)  # every env: no rollouts to size [ours]
 ENV_TABLE = {
     "Hopper": dict(dataset="mujoco/hopper/medium-v0", target=3600.0, ref_min=-20.272305, ref_max=3234.3, grpo=FALLS),
@@ -795,16 +795,12 @@ def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimiz
                 gen: torch.Generator, where: str = "GRPO update") -> dict:
     """(e) Several epochs of minibatch updates of the clipped surrogate with the chosen ratio,
     plus an entropy bonus [paper]. Dropout is off: π_θ must be the same function that acted.
-    Minibatches hold whole groups [ours]: the G rollouts of a group share their history before the reset
-    step, so its burn-in is computed once (`context`), not once per rollout (docs/study.md#whole-groups).
-    Zero-spread groups have Â = 0 and are skipped (they add no gradient)."""
+    Rollouts of zero-spread groups have Â = 0 and are skipped (they add no gradient)."""
     model.eval()
-    G = args.group_size
-    groups = batch.adv.view(-1, G).ne(0).any(1).nonzero().squeeze(1)  # rows g*G .. g*G + G-1 are group g
+    rows_all = (batch.adv != 0).nonzero().squeeze(1)
     stats: dict[str, list] = dict(abs_log_ratio=[], clip_frac=[], approx_kl=[], entropy=[])
-    for _ in range(args.epochs if len(groups) else 0):  # no update at all if every group has zero spread
-        for chosen in groups[torch.randperm(len(groups), generator=gen)].split(max(1, args.minibatch_size // G)):
-            rows = (chosen[:, None] * G + torch.arange(G)).flatten()
+    for _ in range(args.epochs if len(rows_all) else 0):  # no update at all if every group has zero spread
+        for rows in rows_all[torch.randperm(len(rows_all), generator=gen)].split(args.minibatch_size):
             logp_new, entropy = batch_log_probs(model, batch, rows)
             valid = batch.valid[rows].float()
             policy_loss, stat = grpo_policy_loss(logp_new, batch.logp_old[rows], valid, batch.adv[rows],

@@ -558,27 +558,6 @@ def test_grpo_update_with_only_zero_spread_groups_changes_nothing(group_batch, s
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), setup[3].state_dict().values()))
 
 
-def test_minibatches_hold_whole_groups(group_batch, setup, monkeypatch):
-    """A minibatch is minibatch_size // G whole groups (at least one), and an epoch visits each group with
-    spread once: its G rollouts share one burn-in. A group of zero spread is never visited."""
-    args, _, _, model = setup
-    batch, _ = group_batch
-    G = args.group_size
-    adv = batch.adv.view(-1, G).clone()
-    adv[1] = 0.0
-    batch, seen, score = dataclasses.replace(batch, adv=adv.flatten()), [], D.batch_log_probs
-    monkeypatch.setattr(D, "batch_log_probs", lambda m, b, rows: (seen.append(rows.tolist()), score(m, b, rows))[1])
-    for size, per_batch in ((2 * G - 1, 1), (2 * G, 2)):
-        seen.clear()
-        upd_args = D.Args(**{**TINY, "minibatch_size": size, "epochs": 2})
-        D.grpo_update(upd_args, model, torch.optim.SGD(model.parameters(), lr=0.0), batch, torch.Generator().manual_seed(0))
-        groups = [[r[i: i + G] for i in range(0, len(r), G)] for r in seen]
-        assert all(g == list(range(g[0], g[0] + G)) and g[0] % G == 0 for gs in groups for g in gs)
-        assert max(map(len, groups)) == per_batch
-        with_spread = [g for g in range(len(adv)) if adv[g].ne(0).any()]
-        assert sorted(g[0] // G for gs in groups for g in gs) == sorted(with_spread * 2) and 1 not in with_spread
-
-
 def test_entropy_bonus_raises_entropy(group_batch, setup):
     """The same update with and without the bonus: with it, the predicted std ends higher."""
     args, _, _, _ = setup
