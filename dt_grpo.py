@@ -888,9 +888,9 @@ def collect_scored_groups(args: Args, model: DecisionTransformer, critic: Critic
                           replay: dict, envs: list, data: Dataset, target: float, gen: torch.Generator,
                           rng: np.random.Generator) -> tuple[GroupBatch, dict]:
     """Steps (a)-(d) of one QGRPO iteration; `replay` grows in place. Returns the batch and statistics."""
-    N, G, env_steps = args.reset_points, args.group_size, 0
-    while env_steps < args.q_steps:  # (a) rounds of one episode per env (Q_EPISODES in a run)
-        ep, played = play_episodes(model, envs, [int(s) for s in rng.integers(2**31, size=len(envs))], target, data, gen)
+    N, G, env_steps, players = args.reset_points, args.group_size, 0, envs[:Q_EPISODES]  # the pool may hold more
+    while env_steps < args.q_steps:  # (a) rounds of one episode per player
+        ep, played = play_episodes(model, players, [int(s) for s in rng.integers(2**31, size=len(players))], target, data, gen)
         env_steps += played["env_steps"]
         for k, v in transitions(model, ep).items():
             replay[k] = torch.cat([replay.get(k, v[:0]), v])[-REPLAY:]

@@ -616,16 +616,20 @@ def test_critic_fits_a_known_q():
         assert not torch.equal(p, q)
 
 
-def test_qgrpo_groups_score_actions_at_visited_states(setup):
-    """One QGRPO iteration: G actions at each of N states of the played episodes, sampled under the
-    episode's own context, scored by the critic (min of the twins), the ratio 1 before any update; no
-    simulator state is saved or restored."""
+def test_qgrpo_groups_score_actions_at_visited_states(setup, monkeypatch):
+    """One QGRPO iteration: a round of Q_EPISODES episodes even from a larger env pool, G actions at
+    each of N states of the played episodes, sampled under the episode's own context, scored by the
+    critic (min of the twins), the ratio 1 before any update; no simulator state is saved or restored."""
     args, envs, data, model = setup
     args = dataclasses.replace(args, algo="qgrpo", traj_len=1, eval_len=0, q_steps=1, critic_ratio=0.1)
-    critic, replay = D.Critic(11, 3), {}
+    critic, replay, rounds = D.Critic(11, 3), {}, []
     opt = torch.optim.Adam(critic.online.parameters(), lr=D.CRITIC_LR)
-    batch, stats = D.collect_scored_groups(args, model, critic, opt, replay, envs, data, 3600.0,
+    play = D.play_episodes
+    monkeypatch.setattr(D, "play_episodes", lambda model, envs, seeds, *a: rounds.append(len(seeds)) or play(model, envs, seeds, *a))
+    pool = envs + [D.make_env("Hopper-v4") for _ in range(D.Q_EPISODES + 1 - len(envs))]  # --eval-episodes 17
+    batch, stats = D.collect_scored_groups(args, model, critic, opt, replay, pool, data, 3600.0,
                                            torch.Generator().manual_seed(0), np.random.default_rng(0))
+    assert rounds == [D.Q_EPISODES]
     N, G = args.reset_points, args.group_size
     assert len(replay["r"]) == stats["replay"] == stats["env_steps"]  # every step of one round of episodes
     assert batch.scores.shape == (N, G) and batch.logp_old.shape == (N * G, 1) and batch.valid.all()
