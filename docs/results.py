@@ -1,10 +1,12 @@
-"""The README's results table and figure (docs/results.png) from finished runs, e.g.
+"""The README's results figure (docs/results.png) and a table of finished runs, e.g.
 
     python docs/results.py runs/final        # expects runs/final/<env>_<setting>_s<seed>/
 
 Each run directory holds a metrics.csv written by dt_grpo.py. Runs are grouped by everything
 before "_s<seed>"; a cell is the mean ± std over seeds of each seed's first evaluation at or
-past the mark (iterations overshoot the marks a little).
+past the mark (iterations overshoot the marks a little). The figure draws those runs' curves, and
+as points (mean ± std at the marks) the README's rows whose run directories are not kept here
+(their curves: docs/results_grpo.png and the study), and the published numbers as lines.
 """
 
 import csv
@@ -20,8 +22,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 MARKS = (100_000, 300_000, 500_000, 1_000_000)
-PUBLISHED = {  # Yan et al. 2024, Table 1, 500k env steps: ODT, ODT+TD3
-    "hopper": (29.08, 76.13), "halfcheetah": (2.15, 59.35), "walker2d": (14.12, 57.86)}
+PUBLISHED = {  # Yan et al. 2024, Table 1, 500k env steps: ODT, ODT+TD3, TD3
+    "hopper": (29.08, 76.13, 75.68), "halfcheetah": (2.15, 59.35, 68.55), "walker2d": (14.12, 57.86, 69.91)}
+TABLED = {  # the README's rows, (mean, std) at MARKS; None where not run
+    "hopper": {"GRPO, defaults (3 seeds)": [(26.0, 8.1), (27.2, 7.2), (32.6, 0.6), (25.5, 7.9)],
+               "ODT here (3 seeds)": [(3.0, 1.0), (6.9, 0.6), (7.9, 0.7), None],
+               "PPO from scratch (3 seeds)": [(20.9, 4.4), (65.8, 15.9), (56.5, 4.3), None]},
+    "halfcheetah": {"GRPO, defaults (3 seeds)": [(2.8, 0.4), (7.1, 1.1), (12.7, 1.9), (17.8, 2.9)],
+                    "ODT here (1 seed)": [(2.3, 0), (2.3, 0), (2.3, 0), None],
+                    "PPO from scratch (3 seeds)": [(4.7, 0.2), (11.0, 0.9), (11.8, 0.7), None]},
+    "walker2d": {"GRPO, defaults (3 seeds)": [(8.8, 1.1), (7.8, 3.7), (10.2, 1.6), (13.0, 4.7)],
+                 "ODT here (1 seed)": [(5.9, 0), None, None, None],
+                 "PPO from scratch (3 seeds)": [(9.8, 3.0), (19.8, 6.3), (42.3, 10.3), None]},
+}
 
 
 def evaluations(run: Path) -> list[tuple[int, float]]:
@@ -49,20 +62,22 @@ def main(root: Path) -> None:
         best = np.mean([max(s for _, s in ev) for ev in runs])
         print(f"| {name} ({len(runs)}) | " + " | ".join(cells) + f" | {best:.1f} |")
 
-    envs = sorted({name.split("_")[0] for name in groups})
+    envs = list(PUBLISHED)
     fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 4), squeeze=False)
     for ax, env in zip(axes[0], envs):
-        for i, (name, runs) in enumerate((n, r) for n, r in groups.items() if n.split("_")[0] == env):
+        for i, (label, cells) in enumerate(TABLED[env].items()):
+            xs, ms, ss = zip(*[(m, *c) for m, c in zip(MARKS, cells) if c is not None])
+            ax.errorbar(xs, ms, ss, fmt="o-", ms=4, capsize=3, lw=1.2, color=f"C{i}", label=label)
+        for i, (name, runs) in enumerate(((n, r) for n, r in groups.items() if n.split("_")[0] == env), len(TABLED[env])):
             xs = np.arange(0, max(ev[-1][0] for ev in runs) + 1, 25_000)
             S = np.array([[at(ev, x) for x in xs] for ev in runs])
             ok = ~np.isnan(S).any(0)
             for ev in runs:
                 ax.plot(*zip(*ev), lw=0.6, alpha=0.35, color=f"C{i}")
-            ax.plot(xs[ok], S[:, ok].mean(0), "-", lw=2, color=f"C{i}", label=f"{name.split('_', 1)[1]} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
-        odt, td3 = PUBLISHED.get(env.lower(), (None, None))
-        if odt is not None:
-            ax.axhline(odt, color="k", ls=":", label=f"ODT, published ({odt})")
-            ax.axhline(td3, color="k", ls="--", label=f"ODT+TD3, published ({td3})")
+            ax.plot(xs[ok], S[:, ok].mean(0), "-", lw=2, color=f"C{i}",
+                    label=f"{name.split('_', 1)[1].upper()} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        for value, ls, method in zip(PUBLISHED[env], (":", "--", "-."), ("ODT", "ODT+TD3", "TD3")):
+            ax.axhline(value, color="k", ls=ls, lw=1, label=f"{method}, published ({value})")
         ax.set(title=f"{env}-random", xlabel="online env steps", ylabel="D4RL-normalised score")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
