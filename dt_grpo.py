@@ -28,7 +28,8 @@ iteration, L sampled actions per rollout, T max episode steps, S/A state/action 
 
 from __future__ import annotations
 
-import csv, dataclasses, json, math, os, resource, shutil, signal, socket, sys, time, warnings
+import csv, dataclasses, fcntl, hashlib, json, math, os, re, resource, shutil, signal, socket, sys, tempfile, time, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,7 +60,7 @@ class Args:
     env: str = "Hopper-v4"
     """Gymnasium MuJoCo env: Hopper, Walker2d, HalfCheetah or Ant, v4 or v5."""
     dataset: Optional[str] = None
-    """Minari dataset id (default `mujoco/<env>/medium-v0`); a missing `local/<env>-<name>-vN` is built here."""
+    """Minari dataset id (default `mujoco/<env>/medium-v0`); a missing `local/<env>-random-vN` is built here."""
     random_dataset_steps: int = 100_000
     """Env steps of a locally built (uniform-random) dataset."""
     seed: int = 1
@@ -67,7 +68,8 @@ class Args:
     device: str = "cpu"
     """Torch device."""
     run_dir: Optional[str] = None
-    """Output directory. Default: `runs/<env>__<algo>__seed<seed>__<time>`."""
+    """Output directory, new or empty (one that holds a run is refused: see --resume). Default:
+    `runs/<env>__<algo>__seed<seed>__<time>`."""
     resume: Optional[str] = None
     """Continue the interrupted run in this directory, with that run's own args."""
     init_checkpoint: Optional[str] = None
@@ -106,8 +108,9 @@ class Args:
     algo: Literal["grpo", "qgrpo", "odt"] = "grpo"
     """`grpo`: pure RL gradients from resets [paper]; `qgrpo`: groups scored by a critic, no resets [paper; design
     ours]; `odt`: the Online Decision Transformer baseline."""
-    online_steps: int = 1_000_000
-    """Finetuning budget in env steps, all counted; the last iteration is finished [ours]: docs/study.md#budget"""
+    online_steps: int = 500_000
+    """Finetuning budget in env steps, all counted; the last iteration is finished [ours; Yan et al. 2024's
+    comparisons: 500k]: docs/study.md#budget"""
     group_size: int = 16
     """G: rollouts per reset point, whose mean score is the baseline [paper; 16 ours]: docs/study.md#group-size"""
     reset_points: Optional[int] = None
@@ -175,6 +178,12 @@ ENV_TABLE = {
     "InvertedPendulum": dict(dataset="mujoco/invertedpendulum/medium-v0", target=1000.0, ref_min=6.8, ref_max=1000.0,
                              grpo=dict(reset_points=8, traj_len=10, eval_len=40, minibatch_size=16)),
 }
+
+
+def env_defaults(args: Args) -> Args:
+    """`args` with the env's (or QGRPO's) N, L, L_eval and minibatch size where no flag set them."""
+    table = ENV_TABLE[env_family(args.env)]["grpo"] if args.algo != "qgrpo" else QGRPO
+    return dataclasses.replace(args, **{k: v for k, v in table.items() if getattr(args, k) is None})
 
 
 # =============================================================================================
@@ -349,28 +358,39 @@ class Cache:
 
 LONG_SEGMENT = 500  # steps; only --full-episodes' whole episodes are longer, their blocks are checkpointed [ours]
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # ODT's squashing range for the log-std
-ACTION_CLAMP = 1 - 1e-6  # dataset actions at exactly ±1 would give atanh = ±inf
+# The action bound b and u_b = atanh(b) [ours]: the float32 number nearest 0.999, so that a stored (float32) action
+# compares with it exactly in every dtype; nearer ±1 a float32 keeps few digits for atanh (~4 bits at 1 - 1e-6).
+ACTION_BOUND = float(np.float32(0.999))
+U_BOUND = math.atanh(ACTION_BOUND)
 
 
 @dataclass
 class TanhNormal:
-    """a = tanh(u), u ~ Normal(mean, std): the stochastic policy of ODT. Shapes (..., A)."""
+    """a = tanh(u), u ~ Normal(mean, std): the stochastic policy of ODT, censored at the bounds [ours]: every u
+    beyond ±u_b gives the action ±b itself, with probability P(u >= u_b) = Φ((mean - u_b)/std) (likewise below).
+    Clipped-Gaussian data (PPO's: 40-60% of its actions exactly ±1) is drawn from just such a distribution. With
+    a density instead, an action at ±1 sits at atanh = ∞, a DT fits means far past it with narrow stds, and a
+    small update moves its log π by tens of nats: ratios and KL explode (docs/study.md#action-bounds). Shapes (..., A)."""
     mean: torch.Tensor
     log_std: torch.Tensor
 
     def log_prob(self, a: torch.Tensor) -> torch.Tensor:
-        """log π(a), summed over action dims: (..., A) -> (...). Change of variables:
-        log p(a) = log N(u) - sum log(1 - tanh(u)^2), written stably as 2(log 2 - u - softplus(-2u))."""
-        u = torch.atanh(a.to(self.mean.dtype).clamp(-ACTION_CLAMP, ACTION_CLAMP))  # in the policy's dtype: stored
-        # actions are float32, and float32 atanh rounds differently in a vectorised kernel than one by one
-        log_normal = -0.5 * ((u - self.mean) / self.log_std.exp()) ** 2 - self.log_std - 0.5 * math.log(2 * math.pi)
-        log_det = 2 * (math.log(2) - u - F.softplus(-2 * u))
-        return (log_normal - log_det).sum(-1)
+        """log π(a), summed over action dims: (..., A) -> (...). Inside the bounds a density, by the change of
+        variables log p(a) = log N(u) - sum log(1 - tanh(u)^2), written stably as 2(log 2 - u - softplus(-2u));
+        at ±b (or past it, as dataset actions at ±1) the log of the probability mass there."""
+        a = a.to(self.mean.dtype)  # in the policy's dtype: stored actions are float32, and float32 atanh rounds
+        # differently in a vectorised kernel than one by one
+        u, std = torch.atanh(a.clamp(-ACTION_BOUND, ACTION_BOUND)), self.log_std.exp()
+        log_normal = -0.5 * ((u - self.mean) / std) ** 2 - self.log_std - 0.5 * math.log(2 * math.pi)
+        log_density = log_normal - 2 * (math.log(2) - u - F.softplus(-2 * u))
+        log_mass_above, log_mass_below = (torch.special.log_ndtr(z / std) for z in (self.mean - U_BOUND, -U_BOUND - self.mean))
+        log_p = torch.where(a >= ACTION_BOUND, log_mass_above, torch.where(a <= -ACTION_BOUND, log_mass_below, log_density))
+        return log_p.sum(-1)
 
     def sample(self, gen: Optional[torch.Generator] = None) -> torch.Tensor:
-        """a = tanh(mean + std * eps): reparameterised, differentiable in mean and std."""
+        """a = tanh(mean + std * eps), censored to [-b, b]: reparameterised, differentiable in mean and std inside."""
         eps = torch.randn(self.mean.shape, generator=gen, dtype=self.mean.dtype, device=self.mean.device)
-        return torch.tanh(self.mean + self.log_std.exp() * eps)
+        return torch.tanh(self.mean + self.log_std.exp() * eps).clamp(-ACTION_BOUND, ACTION_BOUND)
 
     def entropy(self) -> torch.Tensor:
         """One-sample estimate, -log π(a) of a sampled a, as ODT (no closed form). (..., A) -> (...)"""
@@ -1093,6 +1113,8 @@ def check_args(args: Args) -> None:
                         "--eval-len are GRPO's rollouts from resets")
     if args.resume is not None and args.init_checkpoint is not None:
         raise UserError("--resume continues a run; --init-checkpoint starts a new one: give only one")
+    if args.run_dir is not None and args.resume is None:
+        check_run_dir(Path(args.run_dir))
     prefix = f"local/{env_family(args.env).lower()}-"
     if (args.dataset or "").startswith("local/") and not args.dataset.startswith(prefix):
         raise UserError(f"--dataset {args.dataset} would be built from {args.env} steps under another env's name; "
@@ -1126,11 +1148,61 @@ def make_env(env_id: str) -> gym.Env:
     return env
 
 
+DATASET_AUTHOR, RANDOM_ALGORITHM = "dt-grpo", "uniform-random"  # the metadata of the datasets this script builds
+
+
+def is_random_id(dataset_id: str, env_id: str) -> bool:
+    """Whether `dataset_id` names a dataset this script builds when missing: local/<env>-random-vN."""
+    return re.fullmatch(rf"local/{env_family(env_id).lower()}-random-v\d+", dataset_id) is not None
+
+
+def built_here(dataset_id: str) -> bool:
+    """Whether the dataset on disk was built by `build_random_dataset`, by its metadata (not its name): only
+    such a dataset may be deleted and rebuilt. Read as plain JSON, so that it answers for a damaged one too."""
+    try:
+        meta = json.loads((minari.storage.get_dataset_path(dataset_id) / "data" / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("author") == [DATASET_AUTHOR] and meta.get("algorithm_name") == RANDOM_ALGORITHM
+
+
+@contextmanager
+def dataset_lock(dataset_id: str):
+    """An exclusive lock per dataset id, held while a random dataset is read or built: runs started together
+    (seeds side by side) build it once, and none reads it half-written or while it is rebuilt [ours]."""
+    path = str(minari.storage.get_dataset_path(dataset_id).resolve())  # in the temporary directory, not the user's
+    with open(Path(tempfile.gettempdir()) / f"dt_grpo-{hashlib.sha1(path.encode()).hexdigest()[:16]}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another run to finish building {dataset_id}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def write_dataset(dataset_id: str, env_id: str, buffers: list, algorithm_name: str, description: str,
+                  code: str = "dt_grpo.py") -> None:
+    """Write whole-episode `EpisodeBuffer`s as a Minari dataset (`minari.DataCollector` needs jax), author
+    dt-grpo. Built under a temporary root and moved into place, so a killed build leaves no dataset behind;
+    an existing copy is replaced only if this script built it (`built_here`). Also used by docs/make_dataset.py."""
+    final, tmp_root = minari.storage.get_dataset_path(dataset_id), minari.storage.get_dataset_path() / f".building-{os.getpid()}"
+    if final.exists() and not built_here(dataset_id):
+        raise UserError(f"{final} holds a dataset this script did not build; it is left as it is")
+    try:  # Minari reads its root from the environment on every call, and asks for author / permalink metadata
+        with mock.patch.dict(os.environ, MINARI_DATASETS_PATH=str(tmp_root)), warnings.catch_warnings(action="ignore"):
+            minari.create_dataset_from_buffers(
+                dataset_id=dataset_id, buffer=buffers, env=env_id, algorithm_name=algorithm_name, author=DATASET_AUTHOR,
+                author_email="none", code_permalink=code, data_format="hdf5", description=description)
+        shutil.rmtree(final, ignore_errors=True)  # a partial or corrupt earlier copy of our own
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_root / dataset_id, final)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
 def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int = 0) -> None:
-    """Write a Minari dataset of a uniform-random policy (the paper's low-quality data, D4RL's "random")
-    from whole-episode `EpisodeBuffer`s (`minari.DataCollector` needs jax). Built under a temporary root
-    and moved into place, so a killed build leaves no dataset behind. The seed is fixed, not the run's:
-    every run builds the same dataset [ours]."""
+    """A Minari dataset of a uniform-random policy (the paper's low-quality data, D4RL's "random"). The seed
+    is fixed, not the run's: every run builds the same dataset [ours]."""
     env, buffers, steps = make_env(env_id), [], 0
     env.action_space.seed(seed)
     with tqdm(total=n_steps, desc=f"building {dataset_id}", unit="step") as bar:
@@ -1148,18 +1220,7 @@ def build_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int =
                                          terminations=terminations, truncations=truncations))
             steps += len(rewards)
             bar.update(len(rewards))
-    final, tmp_root = minari.storage.get_dataset_path(dataset_id), minari.storage.get_dataset_path() / f".building-{os.getpid()}"
-    try:  # Minari reads its root from the environment on every call, and asks for author / permalink metadata
-        with mock.patch.dict(os.environ, MINARI_DATASETS_PATH=str(tmp_root)), warnings.catch_warnings(action="ignore"):
-            minari.create_dataset_from_buffers(
-                dataset_id=dataset_id, buffer=buffers, env=env_id, algorithm_name="uniform-random",
-                author="dt-grpo", author_email="none", code_permalink="dt_grpo.py", data_format="hdf5",
-                description=f"{steps} steps of a uniform-random policy on {env_id}, built by dt_grpo.py")
-        shutil.rmtree(final, ignore_errors=True)  # a partial or corrupt earlier copy
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp_root / dataset_id, final)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+    write_dataset(dataset_id, env_id, buffers, RANDOM_ALGORITHM, f"{steps} steps of a uniform-random policy on {env_id}, built by dt_grpo.py")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -1173,10 +1234,58 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def read_episodes(dataset_id: str) -> tuple[minari.MinariDataset, list]:
+    """The dataset and all its episodes; a truncated file may open and fail only when its episodes are read."""
+    ds = minari.load_dataset(dataset_id)
+    episodes = list(ds.iterate_episodes())
+    if len(episodes) != ds.total_episodes:
+        raise ValueError(f"{len(episodes)} of {ds.total_episodes} episodes readable")
+    return ds, episodes
+
+
+def unreadable(dataset_id: str, e: Exception, remedy: str) -> UserError:
+    """The one line for a dataset on disk that cannot be read: which dataset, which file, and what to do."""
+    data_dir = minari.storage.get_dataset_path(dataset_id) / "data"
+    try:
+        meta = json.loads((data_dir / "metadata.json").read_text())
+        file = data_dir / ("main_data.hdf5" if meta.get("data_format") == "hdf5" else "")
+    except (OSError, ValueError):
+        file = data_dir / "metadata.json"
+    return UserError(f"dataset {dataset_id!r} cannot be read: {file} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                     f"nothing was changed. Repair it, {remedy}, or pass another --dataset")
+
+
+def load_local(args: Args, dataset_id: str) -> tuple[minari.MinariDataset, list]:
+    """A `local/` dataset. Only a random one is built when missing, and rebuilt (loudly) when damaged, and
+    only if its metadata says this script built it; any other is the user's, and is never touched [ours]."""
+    path = minari.storage.get_dataset_path(dataset_id)
+    if not is_random_id(dataset_id, args.env):
+        if not path.exists():
+            raise UserError(f"no dataset {dataset_id!r} under {path.parent}; this script builds only "
+                            f"local/{env_family(args.env).lower()}-random-vN itself. Build a behaviour policy's data "
+                            f"with `python docs/make_dataset.py --env {args.env} --level medium`, or pass another --dataset")
+        try:
+            return read_episodes(dataset_id)
+        except Exception as e:
+            raise unreadable(dataset_id, e, f"or `minari delete {dataset_id}` it") from None
+    with dataset_lock(dataset_id):
+        if path.exists():
+            try:
+                return read_episodes(dataset_id)
+            except Exception as e:
+                if not built_here(dataset_id):
+                    raise unreadable(dataset_id, e, f"or `minari delete {dataset_id}` it and run again to build it") from None
+                log(f"dataset {dataset_id!r}, built by this script, is partial or corrupt ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0]}).\n[dt_grpo] REBUILDING it from scratch.", loud=True)
+        log(f"building {dataset_id}: {args.random_dataset_steps} uniform-random steps on {args.env}")
+        build_random_dataset(dataset_id, args.env, args.random_dataset_steps)
+        return read_episodes(dataset_id)
+
+
 def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
     """Find the dataset (cache, then the Minari hub; the default falls back, loudly, to a local
-    random one when the hub cannot be reached), read it (a missing `local/` one is built, a
-    corrupt one rebuilt, loudly), check it fits the env and flatten it for window sampling."""
+    random one when the hub cannot be reached), read it (`load_local` builds only what it may),
+    check it fits the env and flatten it for window sampling."""
     family = env_family(args.env)
     dataset_id, local_id = args.dataset or ENV_TABLE[family]["dataset"], f"local/{family.lower()}-random-v0"
     if not dataset_id.startswith("local/") and not minari.storage.get_dataset_path(dataset_id).exists():
@@ -1193,23 +1302,13 @@ def load_data(args: Args, env: gym.Env) -> tuple[Dataset, str]:
                 f"BACK to {local_id!r}: a uniform-random policy on {args.env} (built once, then reused).\n"
                 f"[dt_grpo] Scores are then those of the low-quality-data setting, not of {dataset_id}.", loud=True)
             dataset_id = local_id
-    existed = minari.storage.get_dataset_path(dataset_id).exists()
-    try:
-        ds = minari.load_dataset(dataset_id)
-        episodes = list(ds.iterate_episodes())  # a truncated file may open and fail only here
-        if len(episodes) != ds.total_episodes:
-            raise ValueError(f"{len(episodes)} of {ds.total_episodes} episodes readable")
-    except Exception as e:
-        if not dataset_id.startswith("local/"):
-            raise UserError(f"cached dataset {dataset_id!r} cannot be read ({e}); delete it with "
-                            f"`minari delete {dataset_id}` and run again to download it") from None
-        if existed:
-            log(f"cached dataset {dataset_id!r} is partial or corrupt ({type(e).__name__}: {e}).\n"
-                "[dt_grpo] REBUILDING it from scratch.", loud=True)
-        log(f"building {dataset_id}: {args.random_dataset_steps} uniform-random steps on {args.env}")
-        build_random_dataset(dataset_id, args.env, args.random_dataset_steps)
-        ds = minari.load_dataset(dataset_id)
-        episodes = list(ds.iterate_episodes())
+    if dataset_id.startswith("local/"):
+        ds, episodes = load_local(args, dataset_id)
+    else:
+        try:
+            ds, episodes = read_episodes(dataset_id)
+        except Exception as e:
+            raise unreadable(dataset_id, e, f"or `minari delete {dataset_id}` it and run again to download it") from None
     spaces = (ds.observation_space.shape, ds.action_space.shape)
     if spaces != (env.observation_space.shape, env.action_space.shape):
         raise UserError(f"dataset {dataset_id} does not fit {args.env}: its observations/actions are {spaces[0]}/"
@@ -1311,6 +1410,39 @@ class Checkpointer:
             sys.exit(130)
 
 
+RUN_FILES = ("metrics.csv", "checkpoint.pt", "pretrained.pt", "summary.json")  # a directory with any of them holds a run
+
+
+def check_run_dir(run_dir: Path) -> None:
+    if any((run_dir / name).exists() for name in RUN_FILES):
+        raise UserError(f"--run-dir {run_dir} holds a run, which is left as it is; continue it with "
+                        f"`--resume {run_dir}`, or give another --run-dir")
+
+
+def new_run_dir(args: Args) -> Path:
+    """Claim a directory for a new run: --run-dir, which must not hold a run, or a new time-stamped one
+    (`_2`, `_3`, ... after runs started in the same second). Claiming is atomic (exclusive create):
+    two runs never share a directory."""
+    if args.run_dir is not None:
+        run_dir = Path(args.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            (run_dir / "metrics.csv").open("x").close()  # the first file a run writes
+        except FileExistsError:
+            check_run_dir(run_dir)
+        return run_dir
+    stem = f"runs/{args.env}__{args.algo}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        run_dir = Path(stem if n == 1 else f"{stem}_{n}")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise UserError(f"{stem}: 999 runs started in the same second; give --run-dir")
+
+
 def load_checkpoint(path: Path, args: Args) -> tuple[dict, Args]:
     """A checkpoint, loaded with weights_only=True, and the args to run with: with --resume the
     run's own (a flag given beside it must repeat the run's value), otherwise `args`."""
@@ -1344,8 +1476,7 @@ def run(args: Args) -> dict:
     torch.manual_seed(args.seed)
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     env = make_env(args.env)
-    grpo = ENV_TABLE[env_family(args.env)]["grpo"] if args.algo != "qgrpo" else QGRPO  # where no flag set them
-    args = dataclasses.replace(args, **{k: v for k, v in grpo.items() if getattr(args, k) is None})
+    args = env_defaults(args)
     target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
     data, dataset_id = load_data(args, env)
     data_time_s = time.time() - t_start
@@ -1355,8 +1486,7 @@ def run(args: Args) -> dict:
         diffs += [f"dataset {start_from['dataset']} (this run: {dataset_id})"] if start_from["dataset"] != dataset_id else []
         if diffs:
             raise UserError(f"checkpoint {args.resume or args.init_checkpoint} does not fit this run; it has " + ", ".join(diffs))
-    run_dir = Path(args.resume or args.run_dir or f"runs/{args.env}__{args.algo}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(args.resume) if args.resume else new_run_dir(args)
     log(f"run directory: {run_dir}")
     metrics = Metrics(run_dir / "metrics.csv", *((resume["metrics_rows"], resume["elapsed_s"]) if resume else ()))
     model = make_model(args, data.states.shape[1], data.actions.shape[1], env.spec.max_episode_steps)
@@ -1415,12 +1545,18 @@ def run(args: Args) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command line: parse the flags (`argv`, default sys.argv), run, and return the exit code."""
     try:
-        run(tyro.cli(Args))
+        run(tyro.cli(Args, args=argv))
     except (UserError, NonFiniteError) as e:  # bad input: exit code 2; a non-finite update: 1
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UserError) else 1)
+        return 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt:  # outside training, or a second Ctrl-C
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

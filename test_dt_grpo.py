@@ -81,24 +81,38 @@ def ulps(model, dtype) -> float:
 
 def log_ratio_tolerance(model, batch, mode: str) -> torch.Tensor:
     """The rounding bound of log ρ before any update, from that of the outputs μ, log σ: to first order,
-    log π(a) moves by Σ_A |z|/σ δμ + |z² - 1| δlog σ, with z = (atanh a - μ)/σ and δ = ulps x max(1, |.|);
-    log ρ sums (joint), averages (mean) or keeps (token) that over the sampled steps."""
+    log π(a) moves by Σ_A |z|/σ δμ + |z² - 1| δlog σ inside the bounds, with z = (atanh a - μ)/σ and
+    δ = ulps x max(1, |.|); at a bound (z = (u_b - μ)/σ there) log Φ(-z) moves by at most (|z| + 1)/σ δμ +
+    (|z| + 1)|z| δlog σ (Mills' ratio); (|z| + 1)/σ δμ + (z² + |z| + 1) δlog σ covers both. log ρ sums (joint),
+    averages (mean) or keeps (token) that over the sampled steps."""
     rows, L = torch.arange(len(batch.t0)), batch.valid.shape[1]
     with torch.no_grad():  # the policy at the sampled steps, as batch_log_probs computes it
         dist, _ = model(batch.ep.segment(rows, batch.t0, L),
                         model.context(batch.ep.segment(rows, batch.t0 - model.burn_in, model.burn_in)))
-    a = batch.ep.segment(rows, batch.t0, L).actions.to(dist.mean.dtype).clamp(-D.ACTION_CLAMP, D.ACTION_CLAMP)
+    a = batch.ep.segment(rows, batch.t0, L).actions.to(dist.mean.dtype).clamp(-D.ACTION_BOUND, D.ACTION_BOUND)
     sigma = dist.log_std.exp()
     z = (torch.atanh(a) - dist.mean) / sigma
     delta = ulps(model, dist.mean.dtype)
-    per_action = delta * (z.abs() / sigma * dist.mean.abs().clamp(min=1) + (z**2 - 1).abs() * dist.log_std.abs().clamp(min=1))
+    per_action = delta * ((z.abs() + 1) / sigma * dist.mean.abs().clamp(min=1) + (z**2 + z.abs() + 1) * dist.log_std.abs().clamp(min=1))
     return D.log_ratios(per_action.sum(-1), torch.zeros(()), batch.valid.double(), mode)
 
 
-def cli(*flags, env=None, cwd=None):
+def main(capsys, *flags) -> tuple[int, str]:
+    """The CLI in this process, where a new interpreter adds nothing but its start-up: exit code and stderr."""
+    code = D.main([str(f) for f in flags])
+    return code, capsys.readouterr().err
+
+
+def files(root: Path) -> dict:
+    """Every file below root, with its bytes: to show that nothing was changed."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli(*flags, env=None):
+    """`python dt_grpo.py FLAGS` in a new interpreter, as a user runs it."""
     e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     return subprocess.run([sys.executable, str(HERE / "dt_grpo.py"), *flags], capture_output=True, text=True,
-                          env=e, cwd=cwd, timeout=600)
+                          env=e, timeout=600)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,14 +226,16 @@ LADDER = dict(env="InvertedPendulum-v4", dataset="local/invertedpendulum-random-
 @pytest.mark.parametrize("sign", [1, -1])
 def test_ladder_1_grpo_learns_inverted_pendulum(minari_dir, tmp_path, monkeypatch, sign):
     """Rung 1 of the learning ladder: the whole method on a small MuJoCo task. From a random
-    dataset, a tiny DT learns to balance InvertedPendulum-v4 within 30k env steps (~20 s), and
-    with negated advantages it unlearns instead."""
+    dataset, a tiny DT learns to balance InvertedPendulum-v4 within 30k env steps (~15 s): its
+    evaluations after the start average more than 3x the start (one evaluation swings by half:
+    docs/study.md#ladder-criterion); with negated advantages it unlearns instead."""
     real = D.group_advantages
     monkeypatch.setattr(D, "group_advantages", lambda scores, eps=1e-8: sign * real(scores, eps))
-    D.run(D.Args(**LADDER, traj_len=10, eval_len=40, group_size=8, reset_points=8, run_dir=str(tmp_path / "run")))
+    short = dict(online_steps=10_000, eval_every=10_000) if sign < 0 else {}  # the true sign is at 80 by then
+    D.run(D.Args(**{**LADDER, **short}, traj_len=10, eval_len=40, group_size=8, reset_points=8, run_dir=str(tmp_path / "run")))
     returns = [float(r["return"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["phase"] == "eval"]
     if sign > 0:
-        assert returns[-1] > max(40.0, 3 * returns[0]), returns
+        assert np.mean(returns[1:]) > max(40.0, 3 * returns[0]), returns
     else:
         assert returns[-1] < returns[0], returns
 
@@ -237,17 +253,40 @@ def test_tanh_normal_log_prob_matches_torch_distributions():
     within(dist.log_prob(a) - ref.log_prob(a).sum(-1), 1e-4, 'log_prob vs torch')
 
 
-def test_tanh_normal_density_integrates_to_one():
-    """Numerical check of the change of variables: ∫ π(a) da = 1 over (-1, 1), in 1-D."""
-    dist = D.TanhNormal(torch.tensor([[0.4]], dtype=torch.float64), torch.tensor([[-0.7]], dtype=torch.float64))
-    a = torch.linspace(-1 + 1e-9, 1 - 1e-9, 400_001, dtype=torch.float64)[:, None]
-    density = dist.log_prob(a).exp()
-    assert abs(torch.trapezoid(density, a[:, 0]).item() - 1) < 1e-4
+@pytest.mark.parametrize("mean", [0.4, 4.5])
+def test_tanh_normal_density_and_bound_masses_sum_to_one(mean):
+    """Numerical check of the change of variables and the censoring, in 1-D: ∫ π(a) da over (-b, b) plus the
+    masses at ±b is 1, for a policy inside the bounds and one whose mass is mostly at +b."""
+    dist = D.TanhNormal(torch.tensor([[mean]], dtype=torch.float64), torch.tensor([[-0.7]], dtype=torch.float64))
+    b = D.ACTION_BOUND
+    a = torch.linspace(-b + 1e-12, b - 1e-12, 400_001, dtype=torch.float64)[:, None]  # inside the bounds
+    inside = torch.trapezoid(dist.log_prob(a).exp(), a[:, 0]).item()
+    masses = dist.log_prob(torch.tensor([[b], [-b]], dtype=torch.float64)).exp().sum().item()
+    assert masses > (0.5 if mean > 3 else 0) and abs(inside + masses - 1) < 1e-4, (inside, masses)
 
 
-def test_log_prob_is_finite_at_action_bounds():
-    dist = D.TanhNormal(torch.zeros(2, 3), torch.zeros(2, 3))
-    assert torch.isfinite(dist.log_prob(torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, 1.0]]))).all()
+def test_actions_at_the_bound_keep_log_ratios_bounded():
+    """A policy whose actions sit at ±1, as a DT trained on clipped-Gaussian (PPO) data: means past the
+    bound, narrow stds (and one action dim inside). Its own samples and the data's ±1 keep a finite log π, and after one small update
+    (Adam, lr 1e-2) every per-action log-ratio stays small. With a density at ±1 - 1e-6 instead of the
+    mass at the bound, the same update moved it by 21 and 88 nats (docs/study.md#action-bounds)."""
+    g = torch.Generator().manual_seed(0)
+    mean0, log_std0 = torch.tensor([2.0, -6.0, 9.0]).repeat(256, 1), torch.tensor([-1.0, -3.0, -3.0]).repeat(256, 1)
+    with torch.no_grad():
+        sampled = D.TanhNormal(mean0, log_std0).sample(g).float()  # stored as float32, as in rollouts
+    assert (sampled[:, 1:].abs() == D.ACTION_BOUND).all() and (sampled[:, 0].abs() < D.ACTION_BOUND).all()
+    for a in (sampled, torch.tensor([1.0, -1.0, 1.0]).repeat(256, 1)):  # the data's actions, exactly ±1
+        mean, log_std = mean0.clone().requires_grad_(True), log_std0.clone().requires_grad_(True)
+        logp_old = D.TanhNormal(mean, log_std).log_prob(a).detach()
+        assert torch.isfinite(logp_old).all()
+        opt = torch.optim.Adam([mean, log_std], lr=1e-2)
+        loss = -(D.TanhNormal(mean, log_std).log_prob(a) * torch.randn(256, generator=g)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            log_ratio = D.TanhNormal(mean, log_std).log_prob(a) - logp_old
+        assert log_ratio.abs().max() < 0.5, log_ratio.abs().max()
 
 
 def random_segment(B=3, n=6, S=11, A=3, seed=0, first=0):
@@ -644,11 +683,13 @@ def test_qgrpo_groups_score_actions_at_visited_states(setup, monkeypatch):
     within(logp - batch.logp_old, log_ratio_tolerance(model, batch, "token"), "QGRPO ratio before any update, float32")
 
 
-@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("sign", [pytest.param(1, marks=pytest.mark.slow), -1])
 def test_ladder_1_qgrpo_learns_inverted_pendulum(minari_dir, tmp_path, monkeypatch, sign):
     """Rung 1 for QGRPO: from the same random dataset, a tiny DT learns to balance InvertedPendulum-v4
     with a critic instead of resets, and unlearns with negated advantages. The run never saves or
-    restores a simulator state."""
+    restores a simulator state. Unlearning shows in 6k env steps with a quarter of the critic updates
+    (~13 s; with the true sign that setting rises, so the check still fails if the sign is ignored); learning
+    takes the defaults and 30k (~140 s: marked slow)."""
     def no_snapshots(*_):
         raise AssertionError("QGRPO touched a simulator snapshot")
 
@@ -658,22 +699,23 @@ def test_ladder_1_qgrpo_learns_inverted_pendulum(minari_dir, tmp_path, monkeypat
     monkeypatch.setattr(D, "set_snapshot", no_snapshots)
     # the defaults: a quarter of the critic updates ran 3x faster, but its final return (60-190 over seeds, threads
     # and kernels) straddled the bar, so the verdict hung on the CPU (docs/study.md#qgrpo-ladder-on-any-cpu)
-    summary = D.run(D.Args(**LADDER, algo="qgrpo", run_dir=str(tmp_path / "run")))
+    cheap = dict(online_steps=6_000, eval_every=3_000, critic_ratio=0.25) if sign < 0 else {}
+    summary = D.run(D.Args(**{**LADDER, **cheap}, algo="qgrpo", run_dir=str(tmp_path / "run")))
     returns = [float(r["return"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["phase"] == "eval"]
     if sign > 0:
-        assert returns[-1] > max(40.0, 3 * returns[0]), returns
+        assert np.mean(returns[1:]) > max(40.0, 3 * returns[0]), returns
     else:
         assert returns[-1] < returns[0], returns
     assert summary["algo"] == "qgrpo"
 
 
-def test_qgrpo_run_interrupted_resumes_to_the_same_result(minari_dir, tmp_path):
+def test_qgrpo_run_interrupted_resumes_to_the_same_result(minari_dir, tmp_path, capsys):
     """Resume is bit-exact with the critic, its optimiser and the replay buffer in the checkpoint."""
     grpo_only = ("--traj-len", "--eval-len")  # GRPO's rollouts: refused with --algo qgrpo
     flags = [f for i, f in enumerate(RUN_FLAGS) if grpo_only.count(f) + grpo_only.count(RUN_FLAGS[i - 1]) == 0]
     flags += ["--algo", "qgrpo", "--online-steps", "600", "--eval-every", "300", "--q-steps", "200", "--critic-ratio", "0.2"]
-    assert cli(*flags, "--run-dir", str(tmp_path / "ref")).returncode == 0
-    interrupt_then_resume(tmp_path / "run", flags, 2, "qgrpo,2,")
+    assert main(capsys, *flags, "--run-dir", tmp_path / "ref")[0] == 0
+    interrupt_then_resume(tmp_path / "run", flags, 2, "qgrpo,2,", capsys)
     ref = outcome(tmp_path / "ref")
     assert outcome(tmp_path / "run") == ref and {r["phase"] for r in ref[1]} == {"pretrain", "eval", "qgrpo"}
 
@@ -699,7 +741,7 @@ def test_local_dataset_roundtrip(minari_dir):
 # ---------------------------------------------------------------------------------------------
 # The CLI: end to end, offline fallback, bad input
 # ---------------------------------------------------------------------------------------------
-def test_cli_end_to_end_with_offline_fallback(tmp_path):
+def test_cli_end_to_end_with_offline_fallback(tmp_path, monkeypatch, capsys):
     """Empty Minari cache and no hub: the default dataset falls back, loudly, to a local random
     one; pretraining, GRPO and evaluation run; outputs are written."""
     env = {"MINARI_DATASETS_PATH": str(tmp_path / "minari")}
@@ -721,9 +763,11 @@ def test_cli_end_to_end_with_offline_fallback(tmp_path):
         assert {"model", "state_mean", "state_std", "args", "rng", "log_temp"} <= set(ckpt)
 
     # A second run reuses the local dataset; with no finetuning the two scores are equal.
-    r = cli("--env", "Hopper-v4", "--online-steps", "0", "--run-dir", str(tmp_path / "run0"), *TINY_FLAGS, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "building" not in r.stderr
+    monkeypatch.setenv("MINARI_DATASETS_PATH", env["MINARI_DATASETS_PATH"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = main(capsys, "--env", "Hopper-v4", "--online-steps", "0", "--run-dir", tmp_path / "run0", *TINY_FLAGS)
+    assert code == 0, err[-3000:]
+    assert "building" not in err
     summary = json.loads((tmp_path / "run0" / "summary.json").read_text())
     assert summary["final_score"] == summary["pretrained_score"] and summary["online_env_steps"] == 0
 
@@ -764,14 +808,22 @@ def test_help_documents_every_flag():
     (["--resume", "/nonexistent/run"], "no such run directory"),
     (["--resume", "."], "holds no checkpoint.pt"),
     (["--init-checkpoint", "/nonexistent/x.pt"], "no checkpoint at"),
+    (["--dataset", "local/hopper-expert-v0"], "python docs/make_dataset.py --env Hopper-v4"),  # never invented
 ])
-def test_bad_input_is_one_clear_line(minari_dir, tmp_path, flags, message):
-    r = cli(*flags, "--run-dir", str(tmp_path / "run"))
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
-    assert not list(minari_dir.rglob("walker2d-random*"))  # refused before anything was built
+def test_bad_input_is_one_clear_line(minari_dir, tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = files(minari_dir)
+    code, err = main(capsys, *flags, "--run-dir", tmp_path / "run")
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err[-2000:]
+    assert files(minari_dir) == before  # refused before anything was built
+
+
+def test_bad_input_through_a_new_interpreter(tmp_path):
+    """The same path as a user meets it, `python dt_grpo.py`: one line on stderr, exit code 2."""
+    r = cli("--group-size", "1", "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and r.stderr.startswith("error: --group-size must be >= 2") and len(r.stderr.splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,25 +909,25 @@ def outcome(run_dir: Path) -> tuple[dict, list]:
 @pytest.fixture(scope="module")
 def reference_run(minari_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("ref") / "run"
-    r = cli(*RUN_FLAGS, "--run-dir", str(d))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert D.main([*RUN_FLAGS, "--run-dir", str(d)]) == 0
     return d
 
 
-def test_same_seed_same_results_other_seed_differs(reference_run, tmp_path):
-    r = cli(*RUN_FLAGS, "--run-dir", str(tmp_path / "again"))
-    assert r.returncode == 0
+def test_same_seed_same_results_other_seed_differs(reference_run, tmp_path, capsys):
+    code, err = main(capsys, *RUN_FLAGS, "--run-dir", tmp_path / "again")
+    assert code == 0
     # the progress bar shows the last known score, the starting policy's before the first evaluation
-    assert "score=" in r.stderr and "score=nan" not in r.stderr
-    assert cli(*RUN_FLAGS, "--seed", "2", "--run-dir", str(tmp_path / "seed2")).returncode == 0
+    assert "score=" in err and "score=nan" not in err
+    assert main(capsys, *RUN_FLAGS, "--seed", "2", "--run-dir", tmp_path / "seed2")[0] == 0
     ref = outcome(reference_run)
     assert outcome(tmp_path / "again") == ref
     other = outcome(tmp_path / "seed2")
     assert other[0] != ref[0] and other[1] != ref[1]
 
 
-def interrupt_then_resume(run_dir: Path, flags: list, sig: int, after_row: str) -> None:
-    """Start a run, send `sig` once its metrics CSV holds a row starting with `after_row`, resume it."""
+def interrupt_then_resume(run_dir: Path, flags: list, sig: int, after_row: str, capsys) -> None:
+    """Start a run, send `sig` once its metrics CSV holds a row starting with `after_row`, resume it
+    (in this process: the interrupted run needs its own, the resumed one does not)."""
     import signal
     import time
 
@@ -893,46 +945,69 @@ def interrupt_then_resume(run_dir: Path, flags: list, sig: int, after_row: str) 
     else:
         assert p.returncode == -signal.SIGKILL
     assert not (run_dir / "summary.json").exists()
-    r = cli("--resume", str(run_dir))
-    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr[-3000:]
+    code, err = main(capsys, "--resume", run_dir)
+    assert code == 0 and "resuming" in err, err[-3000:]
 
 
 @pytest.mark.parametrize("sig, after_row", [(2, "pretrain,51"), (9, "grpo,3,")], ids=["SIGINT-pretrain", "SIGKILL-grpo"])
-def test_interrupted_run_resumes_to_the_same_result(reference_run, tmp_path, sig, after_row):
-    interrupt_then_resume(tmp_path / "run", RUN_FLAGS, sig, after_row)
+def test_interrupted_run_resumes_to_the_same_result(reference_run, tmp_path, capsys, sig, after_row):
+    interrupt_then_resume(tmp_path / "run", RUN_FLAGS, sig, after_row, capsys)
     assert outcome(tmp_path / "run") == outcome(reference_run)
 
 
-def test_odt_run_interrupted_in_finetuning_resumes_to_the_same_result(minari_dir, tmp_path):
+def test_odt_run_interrupted_in_finetuning_resumes_to_the_same_result(minari_dir, tmp_path, capsys):
     flags = [*RUN_FLAGS, "--algo", "odt", "--odt-updates", "5", "--odt-buffer", "50", "--online-steps", "600",
              "--eval-every", "300"]
-    assert cli(*flags, "--run-dir", str(tmp_path / "ref")).returncode == 0
-    interrupt_then_resume(tmp_path / "run", flags, 2, "odt,2,")
+    assert main(capsys, *flags, "--run-dir", tmp_path / "ref")[0] == 0
+    interrupt_then_resume(tmp_path / "run", flags, 2, "odt,2,", capsys)
     ref = outcome(tmp_path / "ref")
     assert outcome(tmp_path / "run") == ref and {r["phase"] for r in ref[1]} == {"pretrain", "eval", "odt"}
 
 
-def test_checkpoints_load_weights_only_and_must_fit(reference_run, tmp_path):
+def test_checkpoints_load_weights_only_and_must_fit(reference_run, tmp_path, capsys):
     ckpt = torch.load(reference_run / "pretrained.pt", weights_only=True)
     assert ckpt["phase"] == "online" and ckpt["step"] == 0
     # Evaluate a checkpoint alone: the same score as when it was saved.
-    r = cli(*RUN_FLAGS, "--init-checkpoint", str(reference_run / "pretrained.pt"), "--online-steps", "0",
-            "--run-dir", str(tmp_path / "eval"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = main(capsys, *RUN_FLAGS, "--init-checkpoint", reference_run / "pretrained.pt", "--online-steps", "0",
+                     "--run-dir", tmp_path / "eval")
+    assert code == 0, err[-3000:]
     assert outcome(tmp_path / "eval")[0]["final_score"] == outcome(reference_run)[0]["pretrained_score"]
     # Another model shape, another env, a corrupt file: one clear line, exit 2.
     for flags, message in [(["--embed-dim", "64"], "--embed-dim 32 (this run: 64)"),
                            (["--env", "Hopper-v5"], "--env Hopper-v4 (this run: Hopper-v5)")]:
-        r = cli(*RUN_FLAGS, *flags, "--init-checkpoint", str(reference_run / "pretrained.pt"),
-                "--run-dir", str(tmp_path / "bad"))
-        assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, r.stderr[-2000:]
+        code, err = main(capsys, *RUN_FLAGS, *flags, "--init-checkpoint", reference_run / "pretrained.pt",
+                         "--run-dir", tmp_path / "bad")
+        assert code == 2 and "Traceback" not in err and message in err, err[-2000:]
     broken = tmp_path / "broken.pt"
     broken.write_bytes((reference_run / "pretrained.pt").read_bytes()[:1000])
-    r = cli(*RUN_FLAGS, "--init-checkpoint", str(broken), "--run-dir", str(tmp_path / "bad"))
-    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+    code, err = main(capsys, *RUN_FLAGS, "--init-checkpoint", broken, "--run-dir", tmp_path / "bad")
+    assert code == 2 and "cannot read checkpoint" in err and "Traceback" not in err
     # --resume takes the run's own args; a conflicting flag is refused.
-    r = cli("--resume", str(reference_run), "--lr", "0.1")
-    assert r.returncode == 2 and "differs from the run's" in r.stderr
+    code, err = main(capsys, "--resume", reference_run, "--lr", "0.1")
+    assert code == 2 and "differs from the run's" in err
+
+
+def test_run_dir_holding_a_run_is_refused(reference_run, capsys):
+    """A second run into a finished run's directory: one line naming --resume, exit 2, nothing changed."""
+    before = files(reference_run)
+    code, err = main(capsys, *RUN_FLAGS, "--run-dir", reference_run)
+    assert code == 2 and err.strip() == (f"error: --run-dir {reference_run} holds a run, which is left as it is; "
+                                         f"continue it with `--resume {reference_run}`, or give another --run-dir")
+    assert files(reference_run) == before
+
+
+def test_default_run_dirs_never_collide(tmp_path, monkeypatch):
+    """Runs started in the same second get their own directories; a directory claimed by a run that
+    has not written yet is not shared either."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(D.time, "strftime", lambda fmt: "20261207-120000")
+    args = D.Args(seed=3)
+    dirs = [D.new_run_dir(args) for _ in range(3)]
+    assert [d.name for d in dirs] == [f"Hopper-v4__grpo__seed3__20261207-120000{s}" for s in ("", "_2", "_3")]
+    assert all(d.is_dir() for d in dirs)
+    claimed = D.new_run_dir(dataclasses.replace(args, run_dir=str(tmp_path / "mine")))
+    with pytest.raises(D.UserError, match="holds a run"):
+        D.new_run_dir(dataclasses.replace(args, run_dir=str(claimed)))
 
 
 @pytest.mark.parametrize("where", ["pretrain", "grpo"])
@@ -971,22 +1046,66 @@ def test_non_finite_update_stops_the_run_and_keeps_the_last_good_checkpoint(mina
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("damage", ["truncated data file", "missing metadata"])
-def test_corrupt_local_dataset_is_rebuilt(minari_dir, tmp_path, monkeypatch, capsys, damage):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    D.build_random_dataset("local/hopper-random-v0", "Hopper-v4", 500)
-    path = tmp_path / "local" / "hopper-random-v0"
-    if damage == "truncated data file":
-        f = path / "data" / "main_data.hdf5"
+def damage(root: Path, dataset_id: str, how: str) -> None:
+    data = root / dataset_id / "data"
+    if how == "truncated data file":
+        f = data / "main_data.hdf5"
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     else:
-        (path / "data" / "metadata.json").unlink()
-    args = D.Args(dataset="local/hopper-random-v0", random_dataset_steps=700)
-    data, _ = D.load_data(args, D.make_env("Hopper-v4"))
-    assert len(data.rtg) >= 700  # rebuilt with this run's size, not the damaged 500-step copy
-    if damage == "truncated data file":
-        assert "REBUILDING" in capsys.readouterr().err
+        (data / "metadata.json").unlink()
+
+
+def test_damaged_dataset_built_here_is_rebuilt_loudly(minari_dir, tmp_path, monkeypatch, capsys):
+    """The script's own random dataset (by its metadata), cut in half: rebuilt, loudly, at this run's size."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    D.build_random_dataset("local/hopper-random-v0", "Hopper-v4", 500)
+    damage(tmp_path, "local/hopper-random-v0", "truncated data file")
+    data, _ = D.load_data(D.Args(dataset="local/hopper-random-v0", random_dataset_steps=700), D.make_env("Hopper-v4"))
+    assert len(data.rtg) >= 700 and "REBUILDING" in capsys.readouterr().err
     assert not any(p.name.startswith(".building") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dataset_id, author, how", [
+    ("local/hopper-mine-v0", "someone", "truncated data file"),
+    ("local/hopper-random-v0", "someone", "truncated data file"),  # a random-looking name is not ours by metadata
+    ("local/hopper-random-v0", "dt-grpo", "missing metadata"),  # nothing says whose it is
+])
+def test_damaged_dataset_not_built_here_is_never_touched(minari_dir, tmp_path, monkeypatch, capsys, dataset_id, author, how):
+    """A dataset the script did not build (or cannot tell it did) that cannot be read: one line naming the
+    dataset, the file and what to do, exit 2, and every file byte-identical."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    D.build_random_dataset(dataset_id, "Hopper-v4", 150)
+    meta = tmp_path / dataset_id / "data" / "metadata.json"
+    meta.write_text(meta.read_text().replace('"dt-grpo"', json.dumps(author)))
+    assert D.built_here(dataset_id) == (author == "dt-grpo")
+    damage(tmp_path, dataset_id, how)
+    before = files(tmp_path)
+    code, err = main(capsys, "--dataset", dataset_id, "--run-dir", tmp_path / "run", "--random-dataset-steps", 2000)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    file = "metadata.json" if how == "missing metadata" else "main_data.hdf5"
+    assert f"dataset {dataset_id!r} cannot be read: {tmp_path / dataset_id / 'data' / file}" in lines[0]
+    assert "minari delete" in lines[0] and "REBUILDING" not in err
+    assert files(tmp_path) == before and not (tmp_path / "run").exists()
+    with pytest.raises(D.UserError, match="did not build"):  # nor can a direct call overwrite it
+        D.build_random_dataset(dataset_id, "Hopper-v4", 150)
+    assert files(tmp_path) == before
+
+
+def test_runs_launched_together_build_one_dataset(minari_dir, tmp_path):
+    """Two runs (seeds side by side) need the same missing random dataset: one builds it while the other
+    waits, and both pretrain on that one copy."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MINARI_DATASETS_PATH=str(tmp_path / "minari"))
+    flags = [*TINY_FLAGS, "--dataset", "local/hopper-random-v0", "--pretrain-steps", "1", "--online-steps", "0"]
+    runs = [subprocess.Popen([sys.executable, str(HERE / "dt_grpo.py"), *flags, "--seed", str(seed),
+                              "--run-dir", str(tmp_path / f"run{seed}")], stderr=subprocess.PIPE, text=True, env=env)
+            for seed in (1, 2)]
+    errs = [p.communicate(timeout=300)[1] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], errs
+    assert sum("[dt_grpo] building local/hopper-random-v0" in e for e in errs) == 1, errs
+    data_lines = [next(line for line in e.splitlines() if "dataset local/hopper-random-v0:" in line) for e in errs]
+    assert data_lines[0] == data_lines[1]  # the same episodes, steps and returns
+    assert [p.name for p in (tmp_path / "minari" / "local").iterdir()] == ["hopper-random-v0"]
 
 
 def test_metrics_a_new_key_is_a_new_column(tmp_path):
