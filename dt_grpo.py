@@ -1261,9 +1261,10 @@ def load_local(args: Args, dataset_id: str) -> tuple[minari.MinariDataset, list]
     path = minari.storage.get_dataset_path(dataset_id)
     if not is_random_id(dataset_id, args.env):
         if not path.exists():
+            level = next((lv for lv in ("expert", "medium") if f"-{lv}-" in dataset_id), "medium")  # the builder's levels
             raise UserError(f"no dataset {dataset_id!r} under {path.parent}; this script builds only "
                             f"local/{env_family(args.env).lower()}-random-vN itself. Build a behaviour policy's data "
-                            f"with `python docs/make_dataset.py --env {args.env} --level medium`, or pass another --dataset")
+                            f"with `python docs/make_dataset.py --env {args.env} --level {level}`, or pass another --dataset")
         try:
             return read_episodes(dataset_id)
         except Exception as e:

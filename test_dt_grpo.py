@@ -808,7 +808,7 @@ def test_help_documents_every_flag():
     (["--resume", "/nonexistent/run"], "no such run directory"),
     (["--resume", "."], "holds no checkpoint.pt"),
     (["--init-checkpoint", "/nonexistent/x.pt"], "no checkpoint at"),
-    (["--dataset", "local/hopper-expert-v0"], "python docs/make_dataset.py --env Hopper-v4"),  # never invented
+    (["--dataset", "local/hopper-expert-v0"], "python docs/make_dataset.py --env Hopper-v4 --level expert"),  # not invented
 ])
 def test_bad_input_is_one_clear_line(minari_dir, tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -4,7 +4,7 @@ As Minari's own MuJoCo datasets were made (Farama's minari-dataset-generation-sc
 stable-baselines3 policy, then record env steps of its *stochastic* policy into a Minari dataset. Training
 stops as soon as the stochastic policy's evaluation return reaches the level (or at --max-train-steps, with
 a loud line saying what it reached). The metadata names the algorithm, its training steps and the
-behaviour return; the trained policy is kept beside the runs, in runs/datasets/.
+behaviour return; the trained policy is kept beside the runs, in a new directory of runs/datasets/.
 
 Levels, the mean episode return of the data:
   medium  D4RL's medium data, a policy at about a third of expert: Hopper 1420, Walker2d 2850, HalfCheetah 4770
@@ -136,8 +136,10 @@ def main(args: Args) -> None:
     dataset_id, target = f"local/{family.lower()}-{args.level}-v0", LEVELS[args.level][family]
     if minari.storage.get_dataset_path(dataset_id).exists():
         raise D.UserError(f"dataset {dataset_id} exists and is left as it is; `minari delete {dataset_id}` to build it anew")
-    out = Path("runs/datasets") / f"{family.lower()}-{args.level}-{args.algo}-seed{args.seed}"
-    out.mkdir(parents=True, exist_ok=True)
+    stem = Path("runs/datasets") / f"{family.lower()}-{args.level}-{args.algo}-seed{args.seed}"
+    out = next(p for p in (stem.with_name(f"{stem.name}{f'_{n}' if n > 1 else ''}") for n in itertools.count(1))
+               if not p.exists())  # an earlier build's policy is kept, never overwritten
+    out.mkdir(parents=True)
     t0 = time.time()
     if args.policy is not None:
         policy, train_steps, ret = dict(sac=SAC, ppo=PPO)[args.algo].load(args.policy, device="cpu"), None, None
