@@ -129,6 +129,9 @@ class Args:
     """Rollouts per GRPO minibatch (default: 16; qgrpo: 256, each a single action) [ours]."""
     online_lr: float = 3e-4
     """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]: docs/study.md#epochs"""
+    target_kl: Optional[float] = None
+    """A trust region for GRPO (and QGRPO): adapt the online learning rate to hold the per-action KL near
+    this (RSL-RL's rule, `adapt_lr`) [ours]. 0.02 keeps a competent DT: docs/study.md#keep"""
     ratio: Literal["joint", "mean", "token"] = "mean"
     """`joint`: summed log-ratios [paper]; `mean`: that / L [GSPO; ours]; `token`: per action. docs/study.md#ratio-mean"""
     reset_rule: Literal["uncertainty", "uniform"] = "uncertainty"
@@ -798,6 +801,15 @@ def grpo_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, valid: torc
     return loss, stat
 
 
+def adapt_lr(lr: float, kl: float, target: float) -> float:
+    """The KL-adaptive learning rate of RSL-RL's PPO (Rudin et al. 2022): divided by 1.5 when a minibatch's
+    per-action KL to π_old is above twice the target, multiplied by 1.5 when below half of it, kept in
+    [1e-6, 1e-2]. A trust region where early stopping is none: one Adam step at 3e-4 already moves a
+    DT by more than 0.05 nats per action (docs/study.md#trust-region)."""
+    lr = lr / 1.5 if kl > 2 * target else lr * 1.5 if kl < target / 2 else lr
+    return min(max(lr, 1e-6), 1e-2)
+
+
 def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_θ of the sampled actions of rollouts `rows`, (len(rows), L) with zeros at invalid
     steps, and the mean entropy estimate over the valid ones. As in the rollout: the cache at the
@@ -825,6 +837,9 @@ def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimiz
             valid = batch.valid[rows].float()
             policy_loss, stat = grpo_policy_loss(logp_new, batch.logp_old[rows], valid, batch.adv[rows],
                                                  args.ratio, args.clip_eps)
+            if args.target_kl is not None:  # the step below is taken at the adapted rate
+                for group in opt.param_groups:
+                    group["lr"] = adapt_lr(group["lr"], stat["approx_kl"], args.target_kl)
             loss = policy_loss - args.ent_coef * entropy
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -833,7 +848,7 @@ def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimiz
             opt.step()
             for k, v in dict(stat, entropy=entropy.item()).items():
                 stats[k].append(v)
-    return {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+    return {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()} | dict(lr=opt.param_groups[0]["lr"])
 
 
 # =============================================================================================
@@ -1094,7 +1109,8 @@ def check_args(args: Args) -> None:
         (("pretrain_steps", "online_steps", "warmup_steps", "checkpoint_interval", "eval_len"), lambda v: v >= 0, ">= 0"),
         (("random_dataset_steps", "batch_size", "context_len", "embed_dim", "n_layer", "n_head", "epochs", "minibatch_size",
           "eval_episodes", "eval_every", "odt_episodes", "odt_updates", "odt_buffer", "lr", "online_lr", "reward_scale",
-          "init_temperature", "reset_temperature", "grad_clip", "reset_points", "traj_len", "q_steps", "critic_ratio"),
+          "init_temperature", "reset_temperature", "grad_clip", "reset_points", "traj_len", "q_steps", "critic_ratio",
+          "target_kl"),
          lambda v: v > 0, "> 0"),
         (("group_size",), lambda v: v >= 2, ">= 2 (a group of one is its own baseline: every advantage would be 0)"),
         (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),

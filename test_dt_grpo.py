@@ -516,6 +516,29 @@ def test_hindsight_relabel_changes_rtg_only_and_breaks_ratios(group_batch, setup
     assert D.log_ratios(logp, batch.logp_old, batch.valid.float(), "joint").abs().max() > 1e-3
 
 
+def test_adapt_lr_hand_example():
+    """RSL-RL's rule: ÷1.5 above twice the target, ×1.5 below half, unchanged between, kept in [1e-6, 1e-2]."""
+    assert D.adapt_lr(3e-4, 0.05, 0.02) == pytest.approx(2e-4)
+    assert D.adapt_lr(3e-4, 0.005, 0.02) == pytest.approx(4.5e-4)
+    assert D.adapt_lr(3e-4, 0.03, 0.02) == 3e-4
+    assert D.adapt_lr(3e-4, 0.01, 0.02) == 3e-4  # exactly half: not below it
+    assert D.adapt_lr(9e-3, 0.0, 0.02) == 1e-2 and D.adapt_lr(1e-6, 1.0, 0.02) == 1e-6
+
+
+@pytest.mark.parametrize("target_kl, direction", [(1e-9, -1), (1e3, 1), (None, 0)])
+def test_grpo_update_adapts_the_learning_rate_to_the_kl(group_batch, setup, target_kl, direction):
+    """With --target-kl each minibatch step is taken at the rate adapted to that minibatch's KL: a target far
+    below any KL only lowers it, one far above only raises it; without it the rate is left alone."""
+    args, _, _, trained = setup
+    batch, _ = group_batch
+    model = D.make_model(args, 11, 3, 1000)
+    model.load_state_dict(trained.state_dict())
+    upd_args = D.Args(**{**TINY, "target_kl": target_kl, "epochs": 2})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    stats = D.grpo_update(upd_args, model, opt, batch, torch.Generator().manual_seed(0))
+    assert np.sign(stats["lr"] - 3e-4) == direction and stats["lr"] == opt.param_groups[0]["lr"]
+
+
 def test_grpo_update_follows_the_advantages(group_batch, setup):
     """One update raises log π of actions with positive advantage and lowers it for negative ones."""
     args, _, _, model = setup
@@ -803,6 +826,7 @@ def test_help_documents_every_flag():
     (["--checkpoint-interval", "-1"], "--checkpoint-interval must be >= 0"),
     (["--odt-updates", "0"], "--odt-updates must be > 0"),
     (["--critic-ratio", "-1"], "--critic-ratio must be > 0"),
+    (["--target-kl", "0"], "--target-kl must be > 0"),
     (["--algo", "qgrpo", "--traj-len", "5"], "--algo qgrpo scores single actions"),
     (["--algo", "qgrpo", "--full-episodes"], "--algo qgrpo scores single actions"),
     (["--resume", "/nonexistent/run"], "no such run directory"),
