@@ -131,7 +131,7 @@ class Args:
     """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]: docs/study.md#epochs"""
     target_kl: Optional[float] = None
     """A trust region for GRPO (and QGRPO): adapt the online learning rate to hold the per-action KL near
-    this (RSL-RL's rule, `adapt_lr`) [ours]. 0.02 keeps a competent DT: docs/study.md#keep"""
+    this (RSL-RL's rule, `adapt_lr`) [ours]. 0.02 keeps and lifts hopper-medium: docs/study.md#keep"""
     ratio: Literal["joint", "mean", "token"] = "mean"
     """`joint`: summed log-ratios [paper]; `mean`: that / L [GSPO; ours]; `token`: per action. docs/study.md#ratio-mean"""
     reset_rule: Literal["uncertainty", "uniform"] = "uncertainty"

@@ -37,8 +37,8 @@ class EvaluateEvery:
 
 
 def main(argv: list[str]) -> None:
-    every = int(argv[argv.index("--every") + 1])
-    args = tyro.cli(D.Args, args=[a for i, a in enumerate(argv) if "--every" not in (a, argv[i - 1] if i else "")])
+    i = argv.index("--every")  # this tool's one flag; the rest are dt_grpo.py's
+    every, args = int(argv[i + 1]), tyro.cli(D.Args, args=argv[:i] + argv[i + 2:])
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     env = D.make_env(args.env)
