@@ -130,8 +130,9 @@ class Args:
     online_lr: float = 3e-4
     """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]: docs/study.md#epochs"""
     target_kl: Optional[float] = None
-    """A trust region for GRPO (and QGRPO): adapt the online learning rate to hold the per-action KL near
-    this (RSL-RL's rule, `adapt_lr`) [ours]. 0.02 keeps and lifts hopper-medium: docs/study.md#keep"""
+    """A trust region for GRPO (and QGRPO): adapt the online learning rate to hold the per-action KL near this
+    (RSL-RL's rule, `adapt_lr`); 0: off. Default: from the data's returns (`trust_region`) [ours]:
+    docs/study.md#keep-default"""
     ratio: Literal["joint", "mean", "token"] = "mean"
     """`joint`: summed log-ratios [paper]; `mean`: that / L [GSPO; ours]; `token`: per action. docs/study.md#ratio-mean"""
     reset_rule: Literal["uncertainty", "uniform"] = "uncertainty"
@@ -810,6 +811,17 @@ def adapt_lr(lr: float, kl: float, target: float) -> float:
     return min(max(lr, 1e-6), 1e-2)
 
 
+KEEP_LEVEL, KEEP_KL = 20.0, 0.01  # normalised return of data worth keeping; the per-action KL that keeps it [ours]
+
+
+def trust_region(data_score: float) -> float:
+    """The default --target-kl, from the dataset's mean normalised return [ours]: 0.01 on data of a policy that
+    stands (D4RL's medium is 40-60), off (0) below a fifth of expert (random data: 0-5). A DT pretrained on
+    medium data has a gait to keep, which unconstrained steps lose; one pretrained on random data has none,
+    and the trust region only slows it (docs/study.md#keep-default)."""
+    return KEEP_KL if data_score >= KEEP_LEVEL else 0.0
+
+
 def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_θ of the sampled actions of rollouts `rows`, (len(rows), L) with zeros at invalid
     steps, and the mean entropy estimate over the valid ones. As in the rollout: the cache at the
@@ -837,7 +849,7 @@ def grpo_update(args: Args, model: DecisionTransformer, opt: torch.optim.Optimiz
             valid = batch.valid[rows].float()
             policy_loss, stat = grpo_policy_loss(logp_new, batch.logp_old[rows], valid, batch.adv[rows],
                                                  args.ratio, args.clip_eps)
-            if args.target_kl is not None:  # the step below is taken at the adapted rate
+            if args.target_kl:  # the step below is taken at the adapted rate
                 for group in opt.param_groups:
                     group["lr"] = adapt_lr(group["lr"], stat["approx_kl"], args.target_kl)
             loss = policy_loss - args.ent_coef * entropy
@@ -1106,11 +1118,11 @@ def env_family(env_id: str) -> str:
 def check_args(args: Args) -> None:
     """Reject nonsense before any work is done. None (an unset optional flag) passes."""
     rules = [  # (fields, test, what the value must be)
-        (("pretrain_steps", "online_steps", "warmup_steps", "checkpoint_interval", "eval_len"), lambda v: v >= 0, ">= 0"),
+        (("pretrain_steps", "online_steps", "warmup_steps", "checkpoint_interval", "eval_len", "target_kl"),
+         lambda v: v >= 0, ">= 0"),
         (("random_dataset_steps", "batch_size", "context_len", "embed_dim", "n_layer", "n_head", "epochs", "minibatch_size",
           "eval_episodes", "eval_every", "odt_episodes", "odt_updates", "odt_buffer", "lr", "online_lr", "reward_scale",
-          "init_temperature", "reset_temperature", "grad_clip", "reset_points", "traj_len", "q_steps", "critic_ratio",
-          "target_kl"),
+          "init_temperature", "reset_temperature", "grad_clip", "reset_points", "traj_len", "q_steps", "critic_ratio"),
          lambda v: v > 0, "> 0"),
         (("group_size",), lambda v: v >= 2, ">= 2 (a group of one is its own baseline: every advantage would be 0)"),
         (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -1497,6 +1509,11 @@ def run(args: Args) -> dict:
     target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
     data, dataset_id = load_data(args, env)
     data_time_s = time.time() - t_start
+    data_score = float(normalised_score(args.env, data.episode_returns).mean())
+    if args.target_kl is None:
+        args = dataclasses.replace(args, target_kl=trust_region(data_score))
+    log(f"the data's mean normalised return: {data_score:.1f}; trust region: " +
+        (f"--target-kl {args.target_kl}" if args.target_kl else "off"))
     if start_from is not None:  # same env, dataset (its state normalisation) and model shape
         diffs = [f"--{k.replace('_', '-')} {start_from['args'].get(k)} (this run: {getattr(args, k)})"
                  for k in ("env", "context_len", "embed_dim", "n_layer", "n_head") if start_from["args"].get(k) != getattr(args, k)]
@@ -1546,8 +1563,9 @@ def run(args: Args) -> dict:
     plot_curves(metrics, args.env)
     wall, online = metrics.elapsed(), [r for r in metrics.rows if r["phase"] == args.algo]
     scores = metrics.column("eval", "norm_score")[1]
-    summary = dict(env=args.env, dataset=dataset_id, algo=args.algo, seed=args.seed,
-                   pretrained_score=saver.info["pretrained_score"], final_score=final_score, online_env_steps=env_steps,
+    summary = dict(env=args.env, dataset=dataset_id, algo=args.algo, seed=args.seed, data_score=data_score,
+                   target_kl=args.target_kl, pretrained_score=saver.info["pretrained_score"], final_score=final_score,
+                   online_env_steps=env_steps,
                    # gait-keeping: evaluations more than 10 below the one before, and how far the last is below the best
                    eval_drops=sum(b < a - 10 for a, b in zip(scores, scores[1:])), gap_to_best=max(scores) - scores[-1],
                    pretrain_time_s=saver.info["pretrain_time_s"], online_time_s=wall - saver.info["pretrain_time_s"],

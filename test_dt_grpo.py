@@ -19,9 +19,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import minari
 import numpy as np
 import pytest
 import torch
+from minari.data_collector import EpisodeBuffer
 
 import dt_grpo as D
 
@@ -525,10 +527,10 @@ def test_adapt_lr_hand_example():
     assert D.adapt_lr(9e-3, 0.0, 0.02) == 1e-2 and D.adapt_lr(1e-6, 1.0, 0.02) == 1e-6
 
 
-@pytest.mark.parametrize("target_kl, direction", [(1e-9, -1), (1e3, 1), (None, 0)])
+@pytest.mark.parametrize("target_kl, direction", [(1e-9, -1), (1e3, 1), (0.0, 0), (None, 0)])
 def test_grpo_update_adapts_the_learning_rate_to_the_kl(group_batch, setup, target_kl, direction):
     """With --target-kl each minibatch step is taken at the rate adapted to that minibatch's KL: a target far
-    below any KL only lowers it, one far above only raises it; without it the rate is left alone."""
+    below any KL only lowers it, one far above only raises it; off (0) the rate is left alone."""
     args, _, _, trained = setup
     batch, _ = group_batch
     model = D.make_model(args, 11, 3, 1000)
@@ -537,6 +539,30 @@ def test_grpo_update_adapts_the_learning_rate_to_the_kl(group_batch, setup, targ
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     stats = D.grpo_update(upd_args, model, opt, batch, torch.Generator().manual_seed(0))
     assert np.sign(stats["lr"] - 3e-4) == direction and stats["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_trust_region_hand_example():
+    """The default --target-kl: on from a fifth of expert (the data's mean normalised return), off below."""
+    assert D.trust_region(2.0) == D.trust_region(19.9) == 0.0
+    assert D.trust_region(20.0) == D.trust_region(41.7) == D.trust_region(105.0) == 0.01
+
+
+@pytest.mark.parametrize("dataset, target_kl", [("local/hopper-random-v0", 0.0), ("test/hopper-good-v0", 0.01)])
+def test_the_default_trust_region_follows_the_data(minari_dir, tmp_path, monkeypatch, capsys, dataset, target_kl):
+    """Unset, --target-kl comes from the data's returns: off on random data, 0.01 on data with a hundred times
+    the rewards (mean normalised return ~60); the run says which, and runs (and resumes) with it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if not minari.storage.get_dataset_path("test/hopper-good-v0").exists():
+        episodes = minari.load_dataset("local/hopper-random-v0").iterate_episodes()
+        D.write_dataset("test/hopper-good-v0", "Hopper-v4", [EpisodeBuffer(
+            id=ep.id, observations=ep.observations, actions=ep.actions, rewards=100 * ep.rewards, terminations=ep.terminations,
+            truncations=ep.truncations, infos={}) for ep in episodes], "test", "random steps, rewards x 100")
+    code, err = main(capsys, "--dataset", dataset, "--online-steps", "0", "--run-dir", tmp_path / "run", *TINY_FLAGS)
+    assert code == 0, err[-3000:]
+    assert ("trust region: --target-kl 0.01" if target_kl else "trust region: off") in err
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["args"]["target_kl"] == target_kl
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["target_kl"] == target_kl and (summary["data_score"] >= 20) == (target_kl > 0)
 
 
 def test_grpo_update_follows_the_advantages(group_batch, setup):
@@ -747,8 +773,6 @@ def test_qgrpo_run_interrupted_resumes_to_the_same_result(minari_dir, tmp_path, 
 # Data: local dataset round-trip through Minari
 # ---------------------------------------------------------------------------------------------
 def test_local_dataset_roundtrip(minari_dir):
-    import minari
-
     D.build_random_dataset("local/roundtrip-test-v0", "Hopper-v4", 300, seed=7)
     ds = minari.load_dataset("local/roundtrip-test-v0")
     episodes = list(ds.iterate_episodes())
@@ -826,7 +850,7 @@ def test_help_documents_every_flag():
     (["--checkpoint-interval", "-1"], "--checkpoint-interval must be >= 0"),
     (["--odt-updates", "0"], "--odt-updates must be > 0"),
     (["--critic-ratio", "-1"], "--critic-ratio must be > 0"),
-    (["--target-kl", "0"], "--target-kl must be > 0"),
+    (["--target-kl", "-1"], "--target-kl must be >= 0"),
     (["--algo", "qgrpo", "--traj-len", "5"], "--algo qgrpo scores single actions"),
     (["--algo", "qgrpo", "--full-episodes"], "--algo qgrpo scores single actions"),
     (["--resume", "/nonexistent/run"], "no such run directory"),

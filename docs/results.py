@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 MARKS = (100_000, 300_000, 500_000)
-LABELS = {"grpo": "GRPO, defaults", "kl02": "GRPO, --target-kl 0.02", "odt": "ODT here"}  # <env>_<setting>: the legend
+LABELS = {"grpo": "GRPO, defaults", "notr": "GRPO, --target-kl 0", "kl02": "GRPO, --target-kl 0.02",  # <env>_<setting>:
+          "odt": "ODT here"}  # the legend
 PUBLISHED = {  # Yan et al. 2024, Table 1, 500k env steps: ODT, ODT+TD3, TD3; random data, then medium
     "random": {"hopper": (29.08, 76.13, 75.68), "halfcheetah": (2.15, 59.35, 68.55), "walker2d": (14.12, 57.86, 69.91)},
     "medium": {"hopper": (97.84, 89.07, 88.98), "halfcheetah": (42.27, 76.91, 70.9), "walker2d": (75.57, 97.86, 90.49)}}
