@@ -550,7 +550,7 @@ def test_trust_region_hand_example():
 @pytest.mark.parametrize("dataset, target_kl", [("local/hopper-random-v0", 0.0), ("test/hopper-good-v0", 0.01)])
 def test_the_default_trust_region_follows_the_data(minari_dir, tmp_path, monkeypatch, capsys, dataset, target_kl):
     """Unset, --target-kl comes from the data's returns: off on random data, 0.01 on data with a hundred times
-    the rewards (mean normalised return ~60); the run says which, and runs (and resumes) with it."""
+    the rewards (mean normalised return ~56); the run says which, and its checkpoint (what --resume runs with) holds it."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     if not minari.storage.get_dataset_path("test/hopper-good-v0").exists():
         episodes = minari.load_dataset("local/hopper-random-v0").iterate_episodes()
