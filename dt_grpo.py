@@ -13,7 +13,9 @@ checkpoints). Sources:
   * Zheng et al., "Group Sequence Policy Optimization", arXiv 2507.18071 (2025): `--ratio mean`;
   * Fujimoto et al., "Addressing Function Approximation Error in Actor-Critic Methods" (TD3), arXiv
     1802.09477 (2018), and Yan et al., "RL Gradients as Vitamin for Online Finetuning Decision
-    Transformers", arXiv 2410.24108 (2024): the critic of `--algo qgrpo`.
+    Transformers", arXiv 2410.24108 (2024): the critic of `--algo qgrpo`;
+  * Rudin et al., "Learning to Walk in Minutes Using Massively Parallel Deep Reinforcement Learning",
+    arXiv 2109.11978 (2022): the KL-adaptive learning rate of `--target-kl` (RSL-RL's PPO).
 
 Run:
     python dt_grpo.py --env Hopper-v4                   # pretrain, finetune with GRPO, evaluate
