@@ -120,7 +120,8 @@ class Args:
     traj_len: Optional[int] = None
     """L: sampled actions per rollout, the ones optimised [paper] (default: the env's `grpo`) [ours]."""
     eval_len: Optional[int] = None
-    """L_eval: mean-action steps after the L that score them [paper: ~400] (default: the env's `grpo`) [ours]."""
+    """L_eval: mean-action steps after the L that score them [paper: ~400] (default: the env's `grpo`, or `keep` on
+    data worth keeping: `keep_defaults`) [ours]."""
     clip_eps: float = 0.2
     """Clip range of the importance ratio [ours, PPO's value]."""
     ent_coef: float = 1e-3
@@ -133,7 +134,7 @@ class Args:
     """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]: docs/study.md#epochs"""
     target_kl: Optional[float] = None
     """A trust region for GRPO (and QGRPO): adapt the online learning rate to hold the per-action KL near this
-    (RSL-RL's rule, `adapt_lr`); 0: off. Default: from the data's returns (`trust_region`) [ours]:
+    (RSL-RL's rule, `adapt_lr`); 0: off. Default: from the data's returns (`keep_defaults`) [ours]:
     docs/study.md#keep-default"""
     ratio: Literal["joint", "mean", "token"] = "mean"
     """`joint`: summed log-ratios [paper]; `mean`: that / L [GSPO; ours]; `token`: per action. docs/study.md#ratio-mean"""
@@ -171,13 +172,16 @@ class Args:
 # Per-environment constants. `dataset`: the default Minari id (recorded on the v5 envs); `target`:
 # evaluation return-to-go [ours, ODT-like]; `ref_min`/`ref_max`: D4RL's random/expert returns;
 # `grpo`: the sub-trajectories and minibatch [ours: docs/study.md#per-env]. Where a fall ends the episode, the score must
-# look far enough ahead to see it; HalfCheetah cannot fall, and its credit assignment wants many short ones.
+# look far enough ahead to see it; HalfCheetah cannot fall, and its credit assignment wants many short ones. `keep`:
+# GRPO's sizes on data worth keeping (`keep_defaults`). Walker2d then looks 400 steps ahead [paper: ~400]: pushed
+# faster, its gait falls 300-400 steps into an episode, past a 300-step window (docs/study.md#walker-horizon).
 FALLS = dict(reset_points=4, traj_len=100, eval_len=200, minibatch_size=16)
 RUNS = dict(reset_points=32, traj_len=5, eval_len=50, minibatch_size=16)
 QGRPO = dict(reset_points=64, traj_len=1, eval_len=0, minibatch_size=256)  # every env: no rollouts to size [ours]
 ENV_TABLE = {
     "Hopper": dict(dataset="mujoco/hopper/medium-v0", target=3600.0, ref_min=-20.272305, ref_max=3234.3, grpo=FALLS),
-    "Walker2d": dict(dataset="mujoco/walker2d/medium-v0", target=5000.0, ref_min=1.629008, ref_max=4592.3, grpo=FALLS),
+    "Walker2d": dict(dataset="mujoco/walker2d/medium-v0", target=5000.0, ref_min=1.629008, ref_max=4592.3, grpo=FALLS,
+                     keep=dict(eval_len=400)),
     "HalfCheetah": dict(dataset="mujoco/halfcheetah/medium-v0", target=6000.0, ref_min=-280.178953, ref_max=12135.0, grpo=RUNS),
     "Ant": dict(dataset="mujoco/ant/medium-v0", target=5000.0, ref_min=-325.6, ref_max=3879.7, grpo=FALLS),
     # the learning ladder's small task (docs/study.md): [ours] random = 50 uniform-random episodes here, max = 1000
@@ -816,12 +820,15 @@ def adapt_lr(lr: float, kl: float, target: float) -> float:
 KEEP_LEVEL, KEEP_KL = 20.0, 0.01  # normalised return of data worth keeping; the per-action KL that keeps it [ours]
 
 
-def trust_region(data_score: float) -> float:
-    """The default --target-kl, from the dataset's mean normalised return [ours]: 0.01 on data of a policy that
-    stands (D4RL's medium is 40-60), off (0) below a fifth of expert (random data: 0-5). A DT pretrained on
-    medium data has a gait to keep, which unconstrained steps lose; one pretrained on random data has none,
-    and the trust region only slows it (docs/study.md#keep-default)."""
-    return KEEP_KL if data_score >= KEEP_LEVEL else 0.0
+def keep_defaults(args: Args, data_score: float) -> Args:
+    """`args` with what keeps a competent DT where no flag set it, from the dataset's mean normalised return [ours].
+    Data of a policy that stands (>= 20; D4RL's medium is 40-60) gives the DT a gait to keep: a trust region of
+    0.01, which unconstrained steps lose (docs/study.md#keep-default), and the env's `keep` sizes for GRPO (ENV_TABLE).
+    Random data (0-5) gives a DT with no gait, which falls within 200 steps: neither, the env's `grpo` sizes."""
+    keep = dict(target_kl=0.0)
+    if data_score >= KEEP_LEVEL:
+        keep = dict(target_kl=KEEP_KL) | (ENV_TABLE[env_family(args.env)].get("keep", {}) if args.algo == "grpo" else {})
+    return dataclasses.replace(args, **{k: v for k, v in keep.items() if getattr(args, k) is None})
 
 
 def batch_log_probs(model: DecisionTransformer, batch: GroupBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1507,15 +1514,13 @@ def run(args: Args) -> dict:
     torch.manual_seed(args.seed)
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     env = make_env(args.env)
-    args = env_defaults(args)
     target = args.target_return if args.target_return is not None else ENV_TABLE[env_family(args.env)]["target"]
     data, dataset_id = load_data(args, env)
     data_time_s = time.time() - t_start
     data_score = float(normalised_score(args.env, data.episode_returns).mean())
-    if args.target_kl is None:
-        args = dataclasses.replace(args, target_kl=trust_region(data_score))
+    args = env_defaults(keep_defaults(args, data_score))
     log(f"the data's mean normalised return: {data_score:.1f}; trust region: " +
-        (f"--target-kl {args.target_kl}" if args.target_kl else "off"))
+        (f"--target-kl {args.target_kl}" if args.target_kl else "off") + f"; --eval-len {args.eval_len}")
     if start_from is not None:  # same env, dataset (its state normalisation) and model shape
         diffs = [f"--{k.replace('_', '-')} {start_from['args'].get(k)} (this run: {getattr(args, k)})"
                  for k in ("env", "context_len", "embed_dim", "n_layer", "n_head") if start_from["args"].get(k) != getattr(args, k)]
@@ -1566,8 +1571,8 @@ def run(args: Args) -> dict:
     wall, online = metrics.elapsed(), [r for r in metrics.rows if r["phase"] == args.algo]
     scores = metrics.column("eval", "norm_score")[1]
     summary = dict(env=args.env, dataset=dataset_id, algo=args.algo, seed=args.seed, data_score=data_score,
-                   target_kl=args.target_kl, pretrained_score=saver.info["pretrained_score"], final_score=final_score,
-                   online_env_steps=env_steps,
+                   target_kl=args.target_kl, eval_len=args.eval_len, pretrained_score=saver.info["pretrained_score"],
+                   final_score=final_score, online_env_steps=env_steps,
                    # gait-keeping: evaluations more than 10 below the one before, and how far the last is below the best
                    eval_drops=sum(b < a - 10 for a, b in zip(scores, scores[1:])), gap_to_best=max(scores) - scores[-1],
                    pretrain_time_s=saver.info["pretrain_time_s"], online_time_s=wall - saver.info["pretrain_time_s"],

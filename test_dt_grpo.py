@@ -541,28 +541,40 @@ def test_grpo_update_adapts_the_learning_rate_to_the_kl(group_batch, setup, targ
     assert np.sign(stats["lr"] - 3e-4) == direction and stats["lr"] == opt.param_groups[0]["lr"]
 
 
-def test_trust_region_hand_example():
-    """The default --target-kl: on from a fifth of expert (the data's mean normalised return), off below."""
-    assert D.trust_region(2.0) == D.trust_region(19.9) == 0.0
-    assert D.trust_region(20.0) == D.trust_region(41.7) == D.trust_region(105.0) == 0.01
+def test_keep_defaults_hand_example():
+    """Unset flags that keep a competent DT, from the data's mean normalised return: below a fifth of expert no trust
+    region and the env's `grpo` sizes; from there --target-kl 0.01 and the env's `keep` sizes (Walker2d: L_eval 400)
+    for GRPO. A flag given stays."""
+    keep = lambda score, **kw: (lambda a: (a.target_kl, a.eval_len))(D.keep_defaults(D.Args(**kw), score))
+    assert keep(2.0) == keep(19.9, env="Walker2d-v4") == (0.0, None)
+    assert keep(20.0, env="Walker2d-v4") == keep(91.2, env="Walker2d-v5") == (0.01, 400)
+    assert keep(41.7) == keep(42.4, env="HalfCheetah-v4") == keep(58.7, env="Walker2d-v4", algo="qgrpo") == (0.01, None)
+    assert keep(58.7, env="Walker2d-v4", target_kl=0.0, eval_len=300) == (0.0, 300) and keep(2.0, target_kl=0.02) == (0.02, None)
 
 
-@pytest.mark.parametrize("dataset, target_kl", [("local/hopper-random-v0", 0.0), ("test/hopper-good-v0", 0.01)])
-def test_the_default_trust_region_follows_the_data(minari_dir, tmp_path, monkeypatch, capsys, dataset, target_kl):
-    """Unset, --target-kl comes from the data's returns: off on random data, 0.01 on data with a hundred times
-    the rewards (mean normalised return ~56); the run says which, and its checkpoint (what --resume runs with) holds it."""
+@pytest.mark.parametrize("dataset, keep", [("test/walker2d-random-v0", (0.0, 200)), ("test/walker2d-good-v0", (0.01, 400))])
+def test_the_keep_defaults_follow_the_data(minari_dir, tmp_path, monkeypatch, capsys, dataset, keep):
+    """Unset, --target-kl and --eval-len come from the data's returns: off and Walker2d's `grpo` L_eval on random
+    data, 0.01 and its `keep` L_eval on data with a thousand times the rewards (mean normalised return ~54); the run
+    says which, and its checkpoint (what --resume runs with) and summary hold them."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if not minari.storage.get_dataset_path("test/hopper-good-v0").exists():
-        episodes = minari.load_dataset("local/hopper-random-v0").iterate_episodes()
-        D.write_dataset("test/hopper-good-v0", "Hopper-v4", [EpisodeBuffer(
-            id=ep.id, observations=ep.observations, actions=ep.actions, rewards=100 * ep.rewards, terminations=ep.terminations,
-            truncations=ep.truncations, infos={}) for ep in episodes], "test", "random steps, rewards x 100")
-    code, err = main(capsys, "--dataset", dataset, "--online-steps", "0", "--run-dir", tmp_path / "run", *TINY_FLAGS)
+    if not minari.storage.get_dataset_path("test/walker2d-good-v0").exists():
+        D.build_random_dataset("test/walker2d-random-v0", "Walker2d-v4", 2000, seed=0)
+        episodes = minari.load_dataset("test/walker2d-random-v0").iterate_episodes()
+        D.write_dataset("test/walker2d-good-v0", "Walker2d-v4", [EpisodeBuffer(
+            id=ep.id, observations=ep.observations, actions=ep.actions, rewards=1000 * ep.rewards, terminations=ep.terminations,
+            truncations=ep.truncations, infos={}) for ep in episodes], "test", "random steps, rewards x 1000")
+    i = TINY_FLAGS.index("--eval-len")
+    flags = TINY_FLAGS[:i] + TINY_FLAGS[i + 2:]  # --eval-len unset
+    code, err = main(capsys, "--env", "Walker2d-v4", "--dataset", dataset, "--online-steps", "0", "--run-dir",
+                     tmp_path / "run", *flags)
     assert code == 0, err[-3000:]
-    assert ("trust region: --target-kl 0.01" if target_kl else "trust region: off") in err
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["args"]["target_kl"] == target_kl
+    target_kl, eval_len = keep
+    assert ("trust region: --target-kl 0.01" if target_kl else "trust region: off") + f"; --eval-len {eval_len}" in err
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["args"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["target_kl"] == target_kl and (summary["data_score"] >= 20) == (target_kl > 0)
+    assert (saved["target_kl"], saved["eval_len"]) == (summary["target_kl"], summary["eval_len"]) == keep
+    assert (summary["data_score"] >= 20) == (target_kl > 0)
 
 
 def test_grpo_update_follows_the_advantages(group_batch, setup):

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 MARKS = (100_000, 300_000, 500_000)
 LABELS = {"grpo": "GRPO, defaults", "notr": "GRPO, --target-kl 0", "kl02": "GRPO, --target-kl 0.02",  # <env>_<setting>:
-          "odt": "ODT here"}  # the legend
+          "ev200": "GRPO, --eval-len 200", "ev400": "GRPO, --eval-len 400", "odt": "ODT here"}  # the legend
 PUBLISHED = {  # Yan et al. 2024, Table 1, 500k env steps: ODT, ODT+TD3, TD3; random data, then medium
     "random": {"hopper": (29.08, 76.13, 75.68), "halfcheetah": (2.15, 59.35, 68.55), "walker2d": (14.12, 57.86, 69.91)},
     "medium": {"hopper": (97.84, 89.07, 88.98), "halfcheetah": (42.27, 76.91, 70.9), "walker2d": (75.57, 97.86, 90.49)}}
@@ -78,7 +78,8 @@ def main(roots: list[Path]) -> None:
             for i, (label, cells) in enumerate(tabled.items()):
                 xs, ms, ss = zip(*[(m, *c) for m, c in zip(MARKS, cells) if c is not None])
                 ax.errorbar(xs, ms, ss, fmt="o-", ms=4, capsize=3, lw=1.2, color=f"C{i}", label=label)
-            for i, (name, runs) in enumerate(((n, r) for n, r in groups.items() if n.split("_")[0] == env), len(tabled)):
+            mine = sorted(((n, r) for n, r in groups.items() if n.split("_")[0] == env), key=lambda g: not g[0].endswith("_grpo"))
+            for i, (name, runs) in enumerate(mine, len(tabled)):  # the defaults first: the same colour in every panel
                 xs = np.arange(0, max(ev[-1][0] for ev in runs) + 1, 25_000)
                 S = np.array([[at(ev, x) for x in xs] for ev in runs])
                 ok = ~np.isnan(S).any(0)
