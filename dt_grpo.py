@@ -822,8 +822,8 @@ KEEP_LEVEL, KEEP_KL = 20.0, 0.01  # normalised return of data worth keeping; the
 
 def keep_defaults(args: Args, data_score: float) -> Args:
     """`args` with what keeps a competent DT where no flag set it, from the dataset's mean normalised return [ours].
-    Data of a policy that stands (>= 20; D4RL's medium is 40-60) gives the DT a gait to keep: a trust region of
-    0.01, which unconstrained steps lose (docs/study.md#keep-default), and the env's `keep` sizes for GRPO (ENV_TABLE).
+    Data of a policy that stands (>= 20; D4RL's medium is 40-60) gives the DT a gait to keep, which unconstrained
+    steps lose: a trust region of 0.01 (docs/study.md#keep-default), and the env's `keep` sizes for GRPO (ENV_TABLE).
     Random data (0-5) gives a DT with no gait, which falls within 200 steps: neither, the env's `grpo` sizes."""
     keep = dict(target_kl=0.0)
     if data_score >= KEEP_LEVEL:
