@@ -1032,14 +1032,16 @@ def normalised_score(env_id: str, returns: np.ndarray) -> np.ndarray:
 
 
 def evaluate(args: Args, model: DecisionTransformer, envs: list, data: Dataset,
-             target: float) -> tuple[np.ndarray, np.ndarray]:
-    """Returns of args.eval_episodes mean-action episodes, run together, and how far each moved
-    forward (x of the root body, m: a hopper that stands earns ~1000 and moves ~0). Seeds are
-    fixed so that every evaluation of a run sees the same start states. (E,), (E,)"""
+             target: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns of args.eval_episodes mean-action episodes, run together, how far each moved forward
+    (x of the root body, m: a hopper that stands earns ~1000 and moves ~0), and whether it fell (ended
+    before the time limit: a fast gait that falls now and then, docs/study.md#walker-last-points). Seeds are
+    fixed so that every evaluation of a run sees the same start states. (E,), (E,), (E,) bool"""
     seeds = [10_000 + args.seed * 1000 + i for i in range(args.eval_episodes)]
     envs = envs[: len(seeds)]
     ep, _ = play_episodes(model, envs, seeds, target, data, torch.Generator(), sampled=False)
-    return ep.rewards.sum(1).numpy(), root_x(envs) - np.array([env.unwrapped.init_qpos[0] for env in envs])
+    forward = root_x(envs) - np.array([env.unwrapped.init_qpos[0] for env in envs])
+    return ep.rewards.sum(1).numpy(), forward, ep.t.numpy() < envs[0].spec.max_episode_steps
 
 
 # =============================================================================================
@@ -1082,10 +1084,10 @@ def finetune(args: Args, model: DecisionTransformer, log_temp: torch.Tensor, env
         metrics.write(phase=args.algo, step=it, env_steps=env_steps, **stats)
         evaluated = env_steps >= next_eval or env_steps >= args.online_steps
         if evaluated:
-            returns, forward = evaluate(args, model, envs, data, target)
+            returns, forward, fell = evaluate(args, model, envs, data, target)
             score = float(normalised_score(args.env, returns).mean())
             metrics.write(phase="eval", step=it, env_steps=env_steps, norm_score=score, eval_forward=forward.mean(),
-                          **{"return": returns.mean()})
+                          eval_fell=fell.mean(), **{"return": returns.mean()})
             plot_curves(metrics, args.env)
             next_eval = (env_steps // args.eval_every + 1) * args.eval_every
         bar.update(min(env_steps, args.online_steps) - bar.n)
@@ -1550,11 +1552,11 @@ def run(args: Args) -> dict:
         if phase == "pretrain":
             pretrain(args, model, data, metrics, gen, log_temp, saver, resume)
         if resume is None or phase == "pretrain":  # evaluate the starting policy, then checkpoint it
-            returns, forward = evaluate(args, model, envs, data, target)
+            returns, forward, fell = evaluate(args, model, envs, data, target)
             saver.info.update(pretrained_score=float(normalised_score(args.env, returns).mean()),
                               pretrain_time_s=metrics.elapsed())
             metrics.write(phase="eval", step=0, env_steps=0, norm_score=saver.info["pretrained_score"],
-                          eval_forward=forward.mean(), **{"return": returns.mean()})
+                          eval_forward=forward.mean(), eval_fell=fell.mean(), **{"return": returns.mean()})
             log(f"starting policy: return {returns.mean():.1f}, normalised score {saver.info['pretrained_score']:.1f}")
             saver.maybe_save("online", force=True, step=0)
             if start_from is None:

@@ -235,7 +235,10 @@ def test_ladder_1_grpo_learns_inverted_pendulum(minari_dir, tmp_path, monkeypatc
     monkeypatch.setattr(D, "group_advantages", lambda scores, eps=1e-8: sign * real(scores, eps))
     short = dict(online_steps=10_000, eval_every=10_000) if sign < 0 else {}  # the true sign is at 80 by then
     D.run(D.Args(**{**LADDER, **short}, traj_len=10, eval_len=40, group_size=8, reset_points=8, run_dir=str(tmp_path / "run")))
-    returns = [float(r["return"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["phase"] == "eval"]
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["phase"] == "eval"]
+    returns = [float(r["return"]) for r in rows]
+    # each step earns 1 here, so an evaluation has no falls exactly when its episodes all last 1000 steps
+    assert [float(r["eval_fell"]) == 0 for r in rows] == [x == 1000 for x in returns], rows
     if sign > 0:
         assert np.mean(returns[1:]) > max(40.0, 3 * returns[0]), returns
     else:
@@ -484,6 +487,19 @@ def cheetah(minari_dir):
     snapshots = []
     traj, _ = D.play_episodes(model, envs, [0], 6000.0, data, torch.Generator(), sampled=False, snapshots=snapshots)
     return args, model, envs, traj, snapshots
+
+
+def test_evaluation_counts_falls_not_the_time_limit(cheetah):
+    """`evaluate`'s third output is a fall, an episode that ends before the time limit: never on HalfCheetah,
+    every time for an untrained DT on Hopper (random data)."""
+    args, model, envs, _, _ = cheetah
+    _, _, fell = D.evaluate(args, model, envs, D.load_data(args, envs[0])[0], 6000.0)  # TINY: 2 episodes
+    assert fell.tolist() == [False, False]
+    hopper = D.Args(env="Hopper-v4", dataset="local/hopper-random-v0", **TINY)
+    torch.manual_seed(0)
+    returns, _, fell = D.evaluate(hopper, D.make_model(hopper, 11, 3, 1000).eval(), [D.make_env("Hopper-v4") for _ in range(2)],
+                                  D.load_data(hopper, D.make_env("Hopper-v4"))[0], 3600.0)
+    assert fell.tolist() == [True, True] and (returns < 1000).all()
 
 
 @pytest.mark.parametrize("mode", ["joint", "mean", "token"])

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     envs = [D.make_env(args.env) for _ in range(args.eval_episodes)]
 
     def evaluate():
-        returns, _ = D.evaluate(args, model, envs, data, target)
+        returns, _, _ = D.evaluate(args, model, envs, data, target)
         model.train()  # evaluation switched dropout off
         return float(D.normalised_score(args.env, returns).mean()), float(returns.mean())
 
