@@ -133,9 +133,9 @@ class Args:
     online_lr: float = 3e-4
     """Learning rate of online updates, GRPO or ODT, AdamW [ours; ODT: 1e-4]: docs/study.md#epochs"""
     target_kl: Optional[float] = None
-    """A trust region for GRPO (and QGRPO): adapt the online learning rate to hold the per-action KL near this
-    (RSL-RL's rule, `adapt_lr`); 0: off. Default: from the data's returns (`keep_defaults`) [ours]:
-    docs/study.md#keep-default"""
+    """A trust region for GRPO (and QGRPO): the online learning rate adapts to each minibatch's per-action
+    KL to π_old (RSL-RL's rule, `adapt_lr`); an iteration moves about 3x this (docs/study.md#kl-overshoot);
+    0: off. Default: from the data's returns (`keep_defaults`) [ours]: docs/study.md#keep-default"""
     ratio: Literal["joint", "mean", "token"] = "mean"
     """`joint`: summed log-ratios [paper]; `mean`: that / L [GSPO; ours]; `token`: per action. docs/study.md#ratio-mean"""
     reset_rule: Literal["uncertainty", "uniform"] = "uncertainty"
@@ -812,7 +812,9 @@ def adapt_lr(lr: float, kl: float, target: float) -> float:
     """The KL-adaptive learning rate of RSL-RL's PPO (Rudin et al. 2022): divided by 1.5 when a minibatch's
     per-action KL to π_old is above twice the target, multiplied by 1.5 when below half of it, kept in
     [1e-6, 1e-2]. A trust region where early stopping is none: one Adam step at 3e-4 already moves a
-    DT by more than 0.05 nats per action (docs/study.md#trust-region)."""
+    DT by more than 0.05 nats per action (docs/study.md#trust-region). The KL to π_old adds up over an
+    iteration's minibatches, and Adam's momentum outlasts a cut of the rate: an iteration ends at about 3x
+    the target (docs/study.md#kl-overshoot)."""
     lr = lr / 1.5 if kl > 2 * target else lr * 1.5 if kl < target / 2 else lr
     return min(max(lr, 1e-6), 1e-2)
 
