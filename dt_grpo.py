@@ -813,7 +813,7 @@ def adapt_lr(lr: float, kl: float, target: float) -> float:
     per-action KL to π_old is above twice the target, multiplied by 1.5 when below half of it, kept in
     [1e-6, 1e-2]. A trust region where early stopping is none: one Adam step at 3e-4 already moves a
     DT by more than 0.05 nats per action (docs/study.md#trust-region). The KL to π_old adds up over an
-    iteration's minibatches, and Adam's momentum outlasts a cut of the rate: an iteration ends at about 3x
+    iteration's minibatches, and Adam's momentum outlasts a cut of the rate: an iteration moves about 3x
     the target (docs/study.md#kl-overshoot)."""
     lr = lr / 1.5 if kl > 2 * target else lr * 1.5 if kl < target / 2 else lr
     return min(max(lr, 1e-6), 1e-2)
